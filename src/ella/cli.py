@@ -1,0 +1,235 @@
+"""The ``ella`` command: ``ella run`` learns a task sequence and prints the accuracy matrix; ``ella methods``
+lists the methods. Every method's hyper-parameters become options of ``ella run`` automatically."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import time
+import typing
+import warnings
+from pathlib import Path
+
+from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
+from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, run_sequence
+from .errors import EllaError
+from .evaluation import EVAL_MODES
+from .methods import METHODS, get_method
+from .models import BUILTIN_MODELS, DTYPES, load_model, save_model
+
+RUN_FILES = ("results.json", "method_state.safetensors", "predictions.jsonl", "accuracy_matrix.png", "model")
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _argument_type(parse: typing.Callable) -> typing.Callable:
+    """argparse shows an ArgumentTypeError's own message (ella's says what is wrong and how to fix it)."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except EllaError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+def _method_hyperparameters() -> dict[str, tuple[dataclasses.Field, typing.Callable, list[str]]]:
+    """Every registered method's config fields: name -> (field, parser, the methods that have it)."""
+    options: dict[str, tuple[dataclasses.Field, typing.Callable, list[str]]] = {}
+    for method_name, cls in sorted(METHODS.items()):
+        hints = typing.get_type_hints(cls.config_class)
+        for f in dataclasses.fields(cls.config_class):
+            parse = f.metadata.get("parse") or hints[f.name]
+            options.setdefault(f.name, (f, parse, []))[2].append(method_name)
+    return options
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default unless its help already says it, or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "default" in help or action.default in (None, False, argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ella", description="Continual learning of language models.")
+    commands = parser.add_subparsers(dest="command")
+
+    run = commands.add_parser(
+        "run", help="learn a sequence of tasks and print the accuracy matrix",
+        description="Train a model on a sequence of tasks, one after another, with a continual-learning method; "
+                    "after each task evaluate every task of the sequence and print the accuracy matrix, OA, BWT, "
+                    "FWT and forgetting. Writes results.json, the method's state and a heat-map to --output-dir.",
+        formatter_class=DefaultsFormatter)
+    run.set_defaults(handler=command_run)
+    model = run.add_argument_group("model")
+    model.add_argument("--model", default="smollm2-135m",
+                       help="a Hugging Face id, a local model directory, or a built-in name: "
+                            + "; ".join(f"{k} ({v})" for k, v in BUILTIN_MODELS.items()))
+    model.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                       help="dtype of the weights (compute runs in --mixed-precision)")
+
+    data = run.add_argument_group("tasks")
+    data.add_argument("--benchmark", default="standard", choices=list(BENCHMARK_ORDERS),
+                      help="CL benchmark: standard (4 tasks, orders 1-3) or long (15 tasks, orders 4-6)")
+    data.add_argument("--order", default=None, help="task order of the benchmark (default: its first)")
+    data.add_argument("--tasks", type=_names, default=None,
+                      help="comma-separated CL-benchmark task names, in training order (instead of --order)")
+    data.add_argument("--sequence", type=Path, default=None,
+                      help="your own task sequence: a JSON file (format: README, 'Your own tasks')")
+    data.add_argument("--data-dir", default=None,
+                      help="benchmark data directory (default: $ELLA_DATA_DIR, else ../shared/data)")
+    data.add_argument("--train-per-task", type=int, default=None, help="training examples per task (default: all)")
+    data.add_argument("--test-per-task", type=int, default=None, help="test examples per task (default: all)")
+
+    method = run.add_argument_group("method")
+    method.add_argument("--method", default="ella", choices=sorted(METHODS), help="continual-learning method")
+    hyper = run.add_argument_group("method hyper-parameters (the methods each applies to are in brackets)")
+    for name, (f, parse, owners) in _method_hyperparameters().items():
+        hyper.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=_argument_type(parse),
+                           default=argparse.SUPPRESS,
+                           metavar=name.upper(),
+                           help=f"{f.metadata['help']} [{', '.join(owners)}; default: {f.default}]")
+
+    train = run.add_argument_group("training")
+    train.add_argument("--epochs", type=int, default=1, help="epochs per task")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: the method's, 1e-3 for LoRA methods, 5e-5 for seqft)")
+    train.add_argument("--batch-size", type=int, default=8, help="training batch size (per device)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    train.add_argument("--max-length", type=int, default=512,
+                       help="max tokens of prompt + answer; longer inputs are truncated")
+    train.add_argument("--warmup-ratio", type=float, default=0.1,
+                       help="linear warm-up over this fraction of each task's steps, then a constant rate")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    train.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
+                       help="auto: bf16 where the CPU/GPU supports it, else fp32")
+    train.add_argument("--seed", type=int, default=42, help="seed of subsampling, initialisation and shuffling")
+
+    evaluate = run.add_argument_group("evaluation")
+    evaluate.add_argument("--eval-mode", default="generate", choices=list(EVAL_MODES),
+                          help="; ".join(f"{k}: {v}" for k, v in EVAL_MODES.items()))
+    evaluate.add_argument("--eval-batch-size", type=int, default=16, help="evaluation batch size")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="generation length (default: the task's longest answer + 4 tokens)")
+    evaluate.add_argument("--no-zero-shot", action="store_true",
+                          help="skip evaluating the base model before training (FWT is then not reported)")
+
+    output = run.add_argument_group("output")
+    output.add_argument("--output-dir", type=Path, default=None,
+                        help="where results go (default: runs/<method>-<timestamp>)")
+    output.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    output.add_argument("--save-model", action="store_true",
+                        help="also save the final model (adapters merged) to OUTPUT_DIR/model")
+
+    methods = commands.add_parser("methods", help="list the continual-learning methods and their hyper-parameters")
+    methods.set_defaults(handler=command_methods)
+    return parser
+
+
+def command_methods(args: argparse.Namespace) -> int:
+    options = _method_hyperparameters()
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name:10s} {cls.summary}")
+        flags = [f"--{o.replace('_', '-')} {f.default}" for o, (f, _, owners) in options.items() if name in owners]
+        print(f"{'':10s} lr {cls.default_learning_rate:g}" + ("; " + "  ".join(flags) if flags else ""))
+    return 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    hyperparameters = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
+    owners = _method_hyperparameters()
+    foreign = [k for k in hyperparameters if args.method not in owners[k][2]]
+    if foreign:
+        raise EllaError(", ".join("--" + k.replace("_", "-") for k in foreign) +
+                        f" does not apply to method {args.method}; `ella methods` lists each method's options")
+    method = get_method(args.method, **hyperparameters)
+    training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
+                              grad_accum=args.grad_accum, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
+                              weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                              seed=args.seed, mixed_precision=args.mixed_precision)
+    evaluation = EvaluationConfig(mode=args.eval_mode, batch_size=args.eval_batch_size,
+                                  max_new_tokens=args.max_new_tokens, zero_shot=not args.no_zero_shot)
+    tasks, source = _load_tasks(args)
+    output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _claim_output_dir(output_dir, args.overwrite)
+
+    load_start = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.dtype)
+    print(f"ella: {args.method} on {args.model}, {source}: {len(tasks)} tasks "
+          f"({', '.join(t.name for t in tasks)}); model loaded in {time.perf_counter() - load_start:.1f} s",
+          file=sys.stderr)
+    run_info = {"command": sys.argv, "model": args.model, "dtype": args.dtype, "tasks_from": source,
+                "train_per_task": args.train_per_task, "test_per_task": args.test_per_task}
+    model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info)
+
+    from .report import format_matrix, format_metrics, plot_matrix
+
+    plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
+    if args.save_model:
+        save_model(model, tokenizer, output_dir / "model")
+    print(f"\nAccuracy (%) after each task; evaluation: {EVAL_MODES[result.eval_mode]}; "
+          f"{', '.join(f'{t.name} {len(t.test)}' for t in tasks)} test examples")
+    print(format_matrix(result))
+    print(format_metrics(result))
+    print(f"results: {output_dir / 'results.json'}  heat-map: {plot}")
+    return 0
+
+
+def _load_tasks(args: argparse.Namespace):
+    sample = dict(train_per_task=args.train_per_task, test_per_task=args.test_per_task, seed=args.seed)
+    if args.sequence is not None:
+        if args.tasks or args.order:
+            raise EllaError("--sequence brings its own tasks: drop --tasks / --order")
+        return load_task_sequence(args.sequence, **sample), str(args.sequence)
+    if args.tasks and args.order:
+        raise EllaError("give either --order or --tasks, not both")
+    order = args.order or BENCHMARK_ORDERS[args.benchmark][0]
+    tasks = load_cl_benchmark(args.benchmark, order, args.tasks, args.data_dir, **sample)
+    return tasks, f"CL benchmark tasks {','.join(args.tasks)}" if args.tasks else f"{args.benchmark} order {order}"
+
+
+def _claim_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a directory that holds a finished or interrupted run, unless asked to overwrite it."""
+    if path.exists() and not path.is_dir():
+        raise EllaError(f"--output-dir {path} is a file, not a directory")
+    if (path / "results.json").exists():
+        if not overwrite:
+            raise EllaError(f"{path} already holds a run (results.json); pass --overwrite to replace it, "
+                            "or choose another --output-dir")
+        for name in RUN_FILES:
+            target = path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside the libraries, not actionable
+    transformers.utils.logging.disable_progress_bar()  # ella shows its own progress
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return args.handler(args)
+    except EllaError as e:
+        print(f"ella: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

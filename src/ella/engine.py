@@ -1,0 +1,265 @@
+"""The task loop: for each task the method prepares the model, the model trains on the task (task loss + the
+method's penalty), the method closes the task, and every task of the sequence is evaluated, seen or not: one
+row of the accuracy matrix. A zero-shot row before any training is the reference of FWT.
+
+accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a
+CPU, one GPU, or several (``accelerate launch ella run ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup
+
+from . import metrics
+from .data import Task, TaskEncoder, collate
+from .errors import EllaError
+from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task
+from .methods import ContinualMethod
+from .models import is_seq2seq
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    learning_rate: float | None = None  # None: the method's default (1e-3 for the LoRA methods)
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_length: int = 512  # tokens of prompt + answer; only the input text is truncated
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of each task's steps, then constant
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    seed: int = 42
+    mixed_precision: str = "auto"  # bf16 where the hardware has it, else fp32
+
+    def __post_init__(self):
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        for name, value in positive.items():
+            if value < 1:
+                raise EllaError(f"{name} must be at least 1 (got {value})")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise EllaError(f"the learning rate must be positive (got {self.learning_rate})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise EllaError(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise EllaError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+
+
+@dataclass
+class EvaluationConfig:
+    mode: str = "generate"  # see evaluation.EVAL_MODES
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # None: the task's longest answer + 4
+    zero_shot: bool = True  # evaluate before training: the reference of FWT
+
+    def __post_init__(self):
+        if self.mode not in EVAL_MODES:
+            raise EllaError(f"unknown evaluation mode {self.mode!r}: choose one of {', '.join(EVAL_MODES)}")
+        if self.batch_size < 1:
+            raise EllaError(f"the evaluation batch size must be at least 1 (got {self.batch_size})")
+
+
+@dataclass
+class SequenceResult:
+    tasks: list[str]
+    eval_mode: str
+    zero_shot: list[float] | None = None
+    matrix: list[list[float]] = field(default_factory=list)  # matrix[i][j]: accuracy on task j after task i
+    task_logs: list[dict] = field(default_factory=list)  # one training log per task
+    eval_seconds: list[float] = field(default_factory=list)
+    final_predictions: list[list[str]] = field(default_factory=list)  # per task, after the last task
+
+    @property
+    def complete(self) -> bool:
+        return len(self.matrix) == len(self.tasks)
+
+    def metrics(self) -> dict | None:
+        return metrics.summarize(self.matrix, self.zero_shot) if self.complete else None
+
+    def to_dict(self) -> dict:
+        return {
+            "tasks": self.tasks,
+            "evaluation": {"mode": self.eval_mode, "description": EVAL_MODES[self.eval_mode]},
+            "zero_shot": self.zero_shot,
+            "accuracy_matrix": self.matrix,
+            "metrics": self.metrics(),
+            "fwt_reference": "zero-shot accuracy of the base model before any training",
+            "task_logs": self.task_logs,
+            "eval_seconds": self.eval_seconds,
+        }
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    cpu_has_bf16 = any(getattr(torch.cpu, probe, lambda: False)()
+                       for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if cpu_has_bf16 else "no"
+
+
+def make_accelerator(training: TrainingConfig) -> Accelerator:
+    return Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
+                       gradient_accumulation_steps=training.grad_accum)
+
+
+def train_task(model, method: ContinualMethod, task_index: int, task: Task, encoder: TaskEncoder,
+               tokenizer, accelerator: Accelerator, config: TrainingConfig, num_tasks: int):
+    """Train one task under the method's hooks; returns the model after ``method.finish`` and a log."""
+    start = time.perf_counter()
+    model = method.prepare(model, task_index, task)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError(f"method {method.name} left no trainable parameters for task {task.name}")
+    seq2seq = is_seq2seq(model)
+    loader = DataLoader(encoder.training(task.train), batch_size=config.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(config.seed + task_index),
+                        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, seq2seq))
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate or method.default_learning_rate,
+                                  weight_decay=config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps = math.ceil(len(loader) / config.grad_accum) * config.epochs
+    scheduler = accelerator.prepare(get_constant_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps)))
+    raw = accelerator.unwrap_model(model)  # what the method's hooks see: no DDP wrapper
+    losses, penalties = [], []
+    model.train()
+    bar = tqdm(total=len(loader) * config.epochs, desc=f"train {task_index + 1}/{num_tasks} {task.name}",
+               disable=not accelerator.is_local_main_process, leave=False)
+    for _ in range(config.epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    nll, mask = answer_token_nll(model, batch)
+                    task_loss = nll.sum() / mask.sum()
+                penalty = method.penalty(raw)
+                accelerator.backward(task_loss + penalty)
+                method.after_backward(raw)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    method.after_step(raw)
+            losses.append(task_loss.item())
+            penalties.append(penalty.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", penalty=f"{penalties[-1]:.3g}")
+    bar.close()
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    accelerator.free_memory()  # drop the task's optimizer state
+    trained = time.perf_counter()
+    model = method.finish(model, task_index, task)
+    tenth = max(1, len(losses) // 10)
+    log = {"task": task.name, "examples": len(task.train), "optimizer_steps": steps,
+           "loss_start": sum(losses[:tenth]) / tenth, "loss_end": sum(losses[-tenth:]) / tenth,
+           "penalty_mean": sum(penalties) / len(penalties), "train_seconds": trained - start,
+           "finish_seconds": time.perf_counter() - trained}
+    return model, log
+
+
+def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEncoder],
+                      evaluation: EvaluationConfig, accelerator: Accelerator, label: str) -> list[TaskScore]:
+    scores = [evaluate_task(model, tokenizer, task, encoder, evaluation.mode, evaluation.batch_size,
+                            accelerator, evaluation.max_new_tokens, progress=f"eval {task.name}")
+              for task, encoder in zip(tasks, encoders)]
+    if accelerator.is_local_main_process:
+        cells = "  ".join(f"{task.name} {score.accuracy:.1f}" for task, score in zip(tasks, scores))
+        tqdm.write(f"{label}: {cells}")
+    return scores
+
+
+def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
+                 training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
+                 output_dir: str | Path | None = None, run_info: dict | None = None,
+                 accelerator: Accelerator | None = None):
+    """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
+
+    With ``output_dir``, results.json (and the method's state, in safetensors) are written after every task,
+    so a crash loses at most the task in progress. ``run_info`` is stored in results.json as given.
+    """
+    training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
+    if not tasks:
+        raise EllaError("the task sequence is empty")
+    started = time.perf_counter()
+    set_seed(training.seed)
+    accelerator = accelerator or make_accelerator(training)
+    model = model.to(accelerator.device)
+    method.setup(model, tasks)
+    seq2seq = is_seq2seq(model)
+    encoders = [TaskEncoder(tokenizer, task, training.max_length, seq2seq) for task in tasks]
+    result = SequenceResult([task.name for task in tasks], evaluation.mode)
+    header = {"run": run_info or {}, "method": method.describe(), "training_config": asdict(training),
+              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+              "evaluation_config": asdict(evaluation), "task_details": [task.describe() for task in tasks]}
+    if evaluation.zero_shot:
+        scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
+        result.zero_shot = [score.accuracy for score in scores]
+    for t, task in enumerate(tasks):
+        model, log = train_task(model, method, t, task, encoders[t], tokenizer, accelerator, training, len(tasks))
+        result.task_logs.append(log)
+        eval_start = time.perf_counter()
+        scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator,
+                                   f"after {t + 1} ({task.name})")
+        result.eval_seconds.append(time.perf_counter() - eval_start)
+        result.matrix.append([score.accuracy for score in scores])
+        result.final_predictions = [score.predictions for score in scores]
+        if output_dir is not None and accelerator.is_main_process:
+            save_progress(Path(output_dir), result, method, header, time.perf_counter() - started, tasks)
+    return model, result
+
+
+def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMethod, header: dict,
+                  elapsed: float, tasks: list[Task]) -> None:
+    """results.json, the method's state and (once complete) the last row's predictions, written atomically."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {**header, **result.to_dict(), "status": "complete" if result.complete else "running",
+              "tasks_done": len(result.matrix), "total_seconds": elapsed, "peak_memory": peak_memory(),
+              "versions": versions()}
+    _atomic_write(output_dir / "results.json", lambda path: path.write_text(json.dumps(record, indent=2)))
+    state = method.state_dict()
+    if state:
+        metadata = {"method": method.name, "tasks_done": str(len(result.matrix))}
+        _atomic_write(output_dir / "method_state.safetensors",
+                      lambda path: save_file({k: v.detach().cpu() for k, v in state.items()}, path, metadata))
+    if result.complete:
+        lines = [json.dumps({"task": task.name, "input": example.input, "target": example.output,
+                             "prediction": prediction})
+                 for task, predictions in zip(tasks, result.final_predictions)
+                 for example, prediction in zip(task.test, predictions)]
+        _atomic_write(output_dir / "predictions.jsonl", lambda path: path.write_text("\n".join(lines) + "\n"))
+
+
+def _atomic_write(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {"device": "cuda", "bytes": torch.cuda.max_memory_allocated()}
+    return {"device": "cpu (process peak RSS)", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(),
+            **{package: version(package) for package in ("ella", "torch", "transformers", "peft", "accelerate")}}

@@ -1,0 +1,131 @@
+"""Scoring answers: the answer-only loss, greedy-generation exact match, and rank classification.
+
+- ``generate`` (default, the papers' protocol): greedy decoding of the continuation only, then exact match after
+  lower-casing, stripping punctuation and collapsing whitespace.
+- ``rank``: the label option with the highest log-likelihood ``Σ log p(label tokens + EOS | prompt)`` wins;
+  faster (one forward pass per option, no decoding loop) and never off the label set.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import re
+import string
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
+from .errors import EllaError
+from .models import is_seq2seq
+
+EVAL_MODES = {
+    "generate": "greedy generation, normalised exact match",
+    "rank": "rank classification: the label option with the highest log-likelihood",
+}
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace (the papers' exact-match normalisation)."""
+    return " ".join(_PUNCTUATION.sub("", text.lower()).split())
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any DDP / peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative log-likelihood of each answer token, (B, K), and the mask of real answer tokens, (B, K).
+
+    Causal batches are left-padded, so all answers end at the last position: logits are computed for the last
+    K+1 positions only (K = the longest answer), which skips the vocabulary projection of the whole prompt.
+    """
+    labels = batch["labels"]
+    if is_seq2seq(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+        targets = labels
+    else:
+        answer_columns = (labels != IGNORE_INDEX).any(0).nonzero()
+        k = labels.shape[1] - int(answer_columns[0]) if len(answer_columns) else 1
+        mask = batch["attention_mask"]
+        keeps_logits = "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
+        kept = {"logits_to_keep": k + 1} if keeps_logits else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kept)
+        logits = out.logits[:, -(k + 1):-1]
+        targets = labels[:, -k:]
+    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none").view(targets.shape)
+    return nll, targets != IGNORE_INDEX
+
+
+@dataclass
+class TaskScore:
+    accuracy: float  # percent
+    predictions: list[str]
+
+
+def batches(items: list, batch_size: int):
+    """Indices of ``items`` in batches of similar length (longest first), to waste little on padding."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+@torch.no_grad()
+def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str, batch_size: int,
+                  accelerator, max_new_tokens: int | None = None, progress: str = "") -> TaskScore:
+    """Accuracy (%) of ``model`` on ``task.test`` and the prediction for each example."""
+    if mode not in EVAL_MODES:
+        raise EllaError(f"unknown evaluation mode {mode!r}: choose one of {', '.join(EVAL_MODES)}")
+    model.eval()
+    if mode == "rank":
+        predictions = _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress)
+    else:
+        new_tokens = max_new_tokens or encoder.longest_target + 4  # room for trailing punctuation
+        predictions = _generate(model, tokenizer, task, encoder, batch_size, accelerator, new_tokens, progress)
+    correct = sum(normalize_answer(p) == normalize_answer(e.output) for p, e in zip(predictions, task.test))
+    return TaskScore(100.0 * correct / len(task.test), predictions)
+
+
+def _generate(model, tokenizer, task, encoder, batch_size, accelerator, max_new_tokens, progress) -> list[str]:
+    seq2seq = is_seq2seq(model)
+    config = copy.deepcopy(hf_model(model).generation_config)
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
+                  top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    prompts = encoder.generation(task.test)
+    predictions = [""] * len(prompts)
+    for indices in tqdm(list(batches(prompts, batch_size)), desc=progress, leave=False,
+                        disable=not accelerator.is_local_main_process):
+        batch = {k: v.to(accelerator.device) for k, v in
+                 collate([prompts[i] for i in indices], tokenizer.pad_token_id, seq2seq).items()}
+        with accelerator.autocast():
+            out = model.generate(**batch, generation_config=config)
+        continuation = out if seq2seq else out[:, batch["input_ids"].shape[1]:]
+        for i, text in zip(indices, tokenizer.batch_decode(continuation, skip_special_tokens=True)):
+            predictions[i] = text.strip()
+    return predictions
+
+
+def _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress) -> list[str]:
+    if not task.labels:
+        raise EllaError(f"rank classification needs a label set, and task {task.name} has none; "
+                        "give the task \"labels\" or use --eval-mode generate")
+    options = task.labels
+    pairs = encoder.training([Example(e.input, label) for e in task.test for label in options])
+    scores = torch.empty(len(pairs))
+    for indices in tqdm(list(batches(pairs, batch_size)), desc=progress, leave=False,
+                        disable=not accelerator.is_local_main_process):
+        batch = {k: v.to(accelerator.device) for k, v in
+                 collate([pairs[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model)).items()}
+        with accelerator.autocast():
+            nll, mask = answer_token_nll(model, batch)
+        scores[indices] = -(nll * mask).sum(1).float().cpu()
+    best = scores.view(len(task.test), len(options)).argmax(1)
+    return [options[i] for i in best.tolist()]

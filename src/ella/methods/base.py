@@ -1,0 +1,104 @@
+"""The one extension point: a continual-learning method is a ``ContinualMethod`` subclass in one file,
+registered with ``@register``. The engine calls the hooks below and never branches on which method runs.
+
+For task t of a sequence the engine calls, in order::
+
+    model = method.prepare(model, t, task)        # attach / select adapters, choose what trains
+    for each batch:
+        loss = task_loss + method.penalty(model)   # extra loss term (fp32, outside autocast)
+        loss.backward(); method.after_backward(model)
+        optimizer.step(); method.after_step(model)
+    model = method.finish(model, t, task)          # accumulate state, merge
+
+``setup(model, tasks)`` runs once before the first task to check the configuration, so that a mistake is
+reported before any training. ``state_dict()`` holds what the method keeps beyond the model's weights
+(ELLA: W_past); it is saved with safetensors after every task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..data import Task
+from ..errors import EllaError
+
+METHODS: dict[str, type["ContinualMethod"]] = {}
+
+
+def register(cls: type["ContinualMethod"]) -> type["ContinualMethod"]:
+    """Class decorator: make a method available by its ``name`` to the CLI and ``get_method``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **hyperparameters: Any) -> "ContinualMethod":
+    """A method by registered name, e.g. ``get_method("ella", lam=3e4, lora_r=8)``."""
+    if name not in METHODS:
+        raise EllaError(f"unknown method {name!r}: choose one of {', '.join(sorted(METHODS))} "
+                        "(`ella methods` describes them)")
+    return METHODS[name](**hyperparameters)
+
+
+def hyperparameter(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A config field with the help text the CLI shows; ``parse`` turns the command-line string into a value."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass
+class NoHyperparameters:
+    pass
+
+
+class ContinualMethod:
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `ella methods`
+    config_class: ClassVar[type] = NoHyperparameters
+    default_learning_rate: ClassVar[float] = 1e-3
+
+    def __init__(self, config: Any = None, **hyperparameters: Any):
+        if config is not None and hyperparameters:
+            raise TypeError("pass either a config object or keyword hyper-parameters, not both")
+        if config is None:
+            known = {f.name for f in dataclasses.fields(self.config_class)}
+            unknown = sorted(set(hyperparameters) - known)
+            if unknown:
+                raise EllaError(f"{', '.join(unknown)}: not a hyper-parameter of {self.name} "
+                                f"(it has: {', '.join(sorted(known)) or 'none'})")
+            config = self.config_class(**hyperparameters)
+        self.config = config
+
+    def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
+        """Check the configuration against the model and the sequence before anything trains."""
+
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+        """Return the model to train on this task, with exactly the trainable parameters set."""
+        return model
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        """The method's extra loss term for the current step (already weighted)."""
+        return next(model.parameters()).new_zeros(())
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Edit gradients after each backward pass (gradient projection)."""
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Edit parameters after each optimiser step (re-projection)."""
+
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+        """Close the task: accumulate the method's state, merge what should be merged; return the model."""
+        return model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise EllaError(f"{self.name} keeps no state, but a saved state with {len(state)} tensors was given")
+
+    def describe(self) -> dict:
+        """Name and hyper-parameters, for results.json."""
+        return {"name": self.name, **dataclasses.asdict(self.config)}

@@ -1,0 +1,92 @@
+"""What the LoRA methods share: their hyper-parameters and the peft plumbing.
+
+LoRA adds ΔW = s·B·A to a frozen linear layer W0 (d_out x d_in), with A (r x d_in) Kaiming-initialised,
+B (d_out x r) zero-initialised and s = alpha / r (peft's defaults are exactly this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from ..data import Task
+from ..errors import EllaError
+from ..models import is_seq2seq
+from .base import ContinualMethod, hyperparameter
+
+
+def parse_names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+@dataclass
+class LoraHyperparameters:
+    lora_r: int = hyperparameter(8, "LoRA rank r")
+    lora_alpha: float = hyperparameter(32.0, "LoRA alpha; the update is (alpha / r)·B·A")
+    lora_dropout: float = hyperparameter(0.1, "dropout on the LoRA branch's input while training")
+    target_modules: list[str] | None = hyperparameter(
+        None, "comma-separated names of the linear layers to adapt (default: attention q and v, "
+              "as peft names them for the model type, e.g. q_proj,v_proj for LLaMA, q,v for T5)", parse_names)
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise EllaError(f"lora_r must be a positive rank (got {self.lora_r})")
+        if self.lora_alpha <= 0:
+            raise EllaError(f"lora_alpha must be positive (got {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            raise EllaError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.target_modules is not None and not self.target_modules:
+            raise EllaError("target_modules is empty; name at least one linear layer, e.g. q_proj,v_proj")
+
+
+def resolve_target_modules(model: torch.nn.Module, targets: list[str] | None) -> list[str]:
+    """The target module names, checked against the model: a name matches a module whose path ends with it."""
+    model_type = model.config.model_type
+    if targets is None:
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        if targets is None:
+            raise EllaError(f"no default LoRA target modules for model type {model_type!r}; "
+                            "pass --target-modules, e.g. --target-modules q_proj,v_proj")
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise EllaError(f"target module(s) {', '.join(missing)} not found in this {model_type} model; "
+                        f"its linear layers are named: {', '.join(linear)}")
+    return list(targets)
+
+
+def attach_lora(model: torch.nn.Module, h: LoraHyperparameters, targets: list[str], adapter: str) -> PeftModel:
+    """Wrap ``model`` with a fresh trainable LoRA named ``adapter``; everything else is frozen."""
+    config = LoraConfig(r=h.lora_r, lora_alpha=h.lora_alpha, lora_dropout=h.lora_dropout, target_modules=targets,
+                        task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq(model) else TaskType.CAUSAL_LM)
+    return get_peft_model(model, config, adapter_name=adapter)
+
+
+def lora_layers(model: PeftModel, adapter: str) -> dict[str, LoraLayer]:
+    """The LoRA layers holding ``adapter``, keyed by the module's name in the base model."""
+    return {name: module for name, module in model.get_base_model().named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.lora_A}
+
+
+def delta_weights(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """ΔW = s·B·A of every adapted module, in the base weight's layout (differentiable)."""
+    return {name: layer.get_delta_weight(adapter) for name, layer in lora_layers(model, adapter).items()}
+
+
+class LoraMethod(ContinualMethod):
+    """Base of the LoRA methods: checks the target modules once, before anything trains."""
+
+    config_class = LoraHyperparameters
+    target_modules: list[str]
+
+    def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
+        self.target_modules = resolve_target_modules(model, self.config.target_modules)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "target_modules": getattr(self, "target_modules", self.config.target_modules)}

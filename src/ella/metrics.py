@@ -1,0 +1,51 @@
+"""The field's metrics, as pure functions of the accuracy matrix.
+
+``a[i][j]`` is the accuracy (%) on task j after training task i (0-based, N tasks); ``a`` is N x N because ella
+evaluates every task after every task, the not-yet-seen ones too.
+"""
+
+from __future__ import annotations
+
+from statistics import mean
+
+
+def average_accuracy(a: list[list[float]]) -> float:
+    """OA = mean_j a[N-1][j]: accuracy over all tasks after the last one."""
+    return mean(a[-1])
+
+
+def backward_transfer(a: list[list[float]]) -> float | None:
+    """BWT = mean_{j<N-1} (a[N-1][j] - a[j][j]); negative means forgetting. None for a single task."""
+    n = len(a)
+    return mean(a[n - 1][j] - a[j][j] for j in range(n - 1)) if n > 1 else None
+
+
+def forward_transfer(a: list[list[float]], reference: list[float]) -> float:
+    """FWT = mean_j (a[j][j] - reference[j]).
+
+    ella's reference is the zero-shot accuracy of the base model before any training (SPEC.md also allows the
+    accuracy of a model trained on task j alone).
+    """
+    return mean(a[j][j] - reference[j] for j in range(len(a)))
+
+
+def forgetting(a: list[list[float]]) -> float | None:
+    """F = mean_{j<N-1} max_{j<=i<N-1} a[i][j] - a[N-1][j]: the drop from the best accuracy a task had once
+    learned. Rows before task j was learned do not count (the papers' matrices have only that lower triangle).
+    """
+    n = len(a)
+    if n < 2:
+        return None
+    return mean(max(a[i][j] for i in range(j, n - 1)) - a[n - 1][j] for j in range(n - 1))
+
+
+def summarize(a: list[list[float]], zero_shot: list[float] | None = None) -> dict:
+    """OA, BWT, FWT (when the zero-shot row exists) and forgetting of a complete N x N matrix."""
+    if not a or len(a) != len(a[0]):
+        raise ValueError(f"the metrics need a complete N x N accuracy matrix, got {len(a)} rows")
+    return {
+        "OA": average_accuracy(a),
+        "BWT": backward_transfer(a),
+        "FWT": forward_transfer(a, zero_shot) if zero_shot is not None else None,
+        "forgetting": forgetting(a),
+    }

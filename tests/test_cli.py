@@ -1,0 +1,89 @@
+import json
+import re
+
+import pytest
+
+from ella.cli import main
+from ella.methods import METHODS
+
+TINY = ["run", "--model", "tiny-causal", "--train-per-task", "4", "--test-per-task", "2", "--mixed-precision", "no",
+        "--max-length", "64"]
+
+
+def run(*args, capsys):
+    """Exit code, stdout and stderr of ``ella ARGS`` (argparse's own errors exit with 2 too)."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_prints_the_matrix_and_refuses_to_overwrite(sequence_file, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(*TINY, "--sequence", str(sequence_file), "--output-dir", str(out_dir), capsys=capsys)
+    assert code == 0
+    assert "zero-shot" in out and "after 2: parity" in out and "OA" in out and "FWT" in out
+    assert "greedy generation, normalised exact match" in out
+    first = (out_dir / "results.json").read_text()
+    code, _, err = run(*TINY, "--sequence", str(sequence_file), "--output-dir", str(out_dir), capsys=capsys)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert (out_dir / "results.json").read_text() == first  # nothing saved was lost
+    code, out, _ = run(*TINY, "--sequence", str(sequence_file), "--output-dir", str(out_dir), "--overwrite",
+                       "--eval-mode", "rank", capsys=capsys)
+    assert code == 0 and "rank classification" in out
+    assert json.loads((out_dir / "results.json").read_text())["evaluation"]["mode"] == "rank"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lam", "-1"], "λ must be non-negative"),
+    (["--lam", "1,2,3"], "3 λ values for 2 tasks"),
+    (["--lam", "abc"], "--lam takes a number"),
+    (["--method", "seqlora", "--lam", "1"], "--lam does not apply to method seqlora"),
+    (["--target-modules", "attn_q"], "attn_q not found.*q_proj"),
+    (["--tasks", "CB"], "--sequence brings its own tasks"),
+    (["--train-per-task", "0"], "at least 1"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+    (["--max-length", "20"], "leaves no room"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(sequence_file, tmp_path, capsys, args, message):
+    out_dir = tmp_path / "run"
+    code, _, err = run(*TINY, "--sequence", str(sequence_file), "--output-dir", str(out_dir), *args, capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    last_line = err.strip().splitlines()[-1]
+    assert "error:" in last_line and re.search(message, last_line), err
+    assert not (out_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/nonexistent"], "data directory not found"),
+    (["--benchmark", "long", "--order", "2"], "order 2 belongs to --benchmark standard"),
+    (["--tasks", "dbpedia,nope"], "unknown task"),
+])
+def test_benchmark_selection_errors(data_dir, tmp_path, capsys, args, message):
+    code, _, err = run(*TINY, "--output-dir", str(tmp_path / "run"), *args, capsys=capsys)
+    assert code == 2 and message in err
+
+
+def test_unknown_method_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--method", "magic"])
+    assert exit_info.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+
+
+def test_methods_lists_every_method_with_its_hyperparameters(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f"\n{name} " in "\n" + out
+    assert "--lam 30000.0" in out
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--benchmark", "--order", "--sequence", "--method", "--lam", "--lora-r", "--lr",
+                   "--eval-mode", "--train-per-task", "--output-dir", "--overwrite", "--mixed-precision"):
+        assert option in out

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+
+from ella import EllaError, load_cl_benchmark, load_task_sequence
+from ella.data import resolve_data_dir
+
+
+def test_order_one_in_the_papers_prompt_format(data_dir):
+    tasks = load_cl_benchmark("standard", 1, data_dir=data_dir, train_per_task=5, test_per_task=3)
+    assert [t.name for t in tasks] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    agnews = tasks[3]
+    assert (len(agnews.train), len(agnews.test)) == (5, 3)
+    example = agnews.test[0]
+    assert agnews.prompt(example) == (
+        "What is the topic of the following paragraph? Choose one from the option.\n"
+        "Option: World, Sports, Business, Science or Technology \n" + example.input + "\nAnswer:")
+    assert example.output in agnews.labels
+
+
+def test_copa_has_no_instruction(data_dir):
+    (copa,) = load_cl_benchmark(tasks=["COPA"], data_dir=data_dir, train_per_task=2, test_per_task=2)
+    assert copa.prompt(copa.test[0]) == copa.test[0].input + "\nAnswer:"
+
+
+def test_long_orders_have_fifteen_tasks(data_dir):
+    for order in (4, 5, 6):
+        tasks = load_cl_benchmark("long", order, data_dir=data_dir, train_per_task=1, test_per_task=1)
+        assert len(tasks) == 15
+
+
+def test_subsampling_is_seeded(data_dir):
+    def sample(seed):
+        return load_cl_benchmark(tasks=["CB"], data_dir=data_dir, train_per_task=20, test_per_task=10, seed=seed)[0]
+
+    assert sample(1).train == sample(1).train
+    assert sample(1).train != sample(2).train
+    full = load_cl_benchmark(tasks=["CB"], data_dir=data_dir)[0]
+    assert (len(full.train), len(full.test)) == (250, 56)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(benchmark="standard", order=4), "order 4 belongs to --benchmark long"),
+    (dict(benchmark="standard", order=9), "unknown order 9"),
+    (dict(benchmark="mmlu"), "unknown benchmark"),
+    (dict(tasks=["dbpedia", "imagenet"]), "unknown task.*imagenet.*known tasks:.*agnews"),
+    (dict(tasks=["CB", "CB"]), "appears twice"),
+    (dict(train_per_task=0), "at least 1"),
+])
+def test_benchmark_errors(data_dir, kwargs, message):
+    with pytest.raises(EllaError, match=message):
+        load_cl_benchmark(data_dir=data_dir, **kwargs)
+
+
+def test_missing_data_directory(tmp_path, monkeypatch):
+    with pytest.raises(EllaError, match="data directory not found"):
+        load_cl_benchmark(data_dir=tmp_path / "nowhere")
+    with pytest.raises(EllaError, match="orders.json not found"):
+        load_cl_benchmark(data_dir=tmp_path)
+    monkeypatch.setenv("ELLA_DATA_DIR", str(tmp_path))
+    assert resolve_data_dir() == tmp_path
+
+
+def copy_task(data_dir, tmp_path, name="CB", group="NLI"):
+    """A writable copy of one benchmark task (with the benchmark's orders and instructions)."""
+    root = tmp_path / "cl_benchmark"
+    (root / group / name).mkdir(parents=True)
+    for file in ("orders.json", "instruction_config.json"):
+        (root / file).write_text((data_dir / "cl_benchmark" / file).read_text())
+    for file in ("train.json", "test.json", "labels.json"):
+        (root / group / name / file).write_text((data_dir / "cl_benchmark" / group / name / file).read_text())
+    return root / group / name
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "test.json").unlink(), "data file not found.*test.json"),
+    (lambda d: (d / "train.json").write_text('[{"sentence": "a", "label": "entailment"'), "malformed JSON"),
+    (lambda d: (d / "test.json").write_text('[{"sentence": "a", "label": "maybe"}]'),
+     "'maybe' is not in the task's label set"),
+    (lambda d: (d / "test.json").write_text("[]"), "holds no examples"),
+    (lambda d: (d / "train.json").write_text('[{"text": "a"}]'), "expected an object with string fields"),
+])
+def test_broken_benchmark_files(data_dir, tmp_path, damage, message):
+    damage(copy_task(data_dir, tmp_path))
+    with pytest.raises(EllaError, match=message):
+        load_cl_benchmark(tasks=["CB"], data_dir=tmp_path)
+
+
+def test_own_task_sequence(sequence_file):
+    tasks = load_task_sequence(sequence_file, train_per_task=4)
+    assert [t.name for t in tasks] == ["colour", "parity"]
+    assert len(tasks[0].train) == 4 and len(tasks[0].test) == 6
+    assert tasks[0].prompt(tasks[0].test[0]) == "Colour? Option: red, blue \nsea 0\nAnswer:"
+
+
+def test_own_task_without_labels_or_instruction(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"input": "2+2", "output": "4"}\n\n{"input": "3+3", "output": "6"}\n')
+    (tmp_path / "seq.json").write_text(json.dumps({"tasks": [{"name": "qa", "train": "qa.jsonl", "test": "qa.jsonl"}]}))
+    (task,) = load_task_sequence(tmp_path / "seq.json")
+    assert task.labels is None and task.prompt(task.train[0]) == "2+2\nAnswer:"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda spec, d: spec["tasks"][0].update(labels=["red"]), "'blue' is not in the task's label set"),
+    (lambda spec, d: spec["tasks"][1].update(name="colour"), "appears twice"),
+    (lambda spec, d: spec["tasks"][0].update(train="missing.jsonl"), "data file not found"),
+    (lambda spec, d: spec["tasks"][0].update(shots=3), "unknown keys"),
+    (lambda spec, d: spec.update(tasks=[]), "at least one task"),
+    (lambda spec, d: (d / "colour" / "train.jsonl").write_text('{"input": "x", "output": "red"}\n{"input": \n'),
+     "line 2: malformed JSON"),
+])
+def test_own_sequence_errors(sequence_file, edit, message):
+    spec = json.loads(sequence_file.read_text())
+    edit(spec, sequence_file.parent)
+    sequence_file.write_text(json.dumps(spec))
+    with pytest.raises(EllaError, match=message):
+        load_task_sequence(sequence_file)
+
+
+def test_malformed_sequence_file(tmp_path):
+    (tmp_path / "seq.json").write_text("{tasks: []}")
+    with pytest.raises(EllaError, match="malformed JSON at line 1"):
+        load_task_sequence(tmp_path / "seq.json")
+    with pytest.raises(EllaError, match="task sequence file not found"):
+        load_task_sequence(tmp_path / "nope.json")

