@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from . import metrics
-from .data import Task, TaskEncoder, collate
+from .data import Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task
-from .methods import ContinualMethod
+from .methods import ContinualMethod, TaskData
 from .models import is_seq2seq
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -121,22 +121,38 @@ def make_accelerator(training: TrainingConfig) -> Accelerator:
                        gradient_accumulation_steps=training.grad_accum)
 
 
-def train_task(model, method: ContinualMethod, task_index: int, task: Task, encoder: TaskEncoder,
+def task_data(items: list[Encoded], num_steps: int, tokenizer, seq2seq: bool, device) -> TaskData:
+    def batches(batch_size: int = 1, limit: int | None = None):
+        """The task's examples in order; batch size 1 (the default) means no padding at all."""
+        chosen = items[:limit] if limit else items
+        for start in range(0, len(chosen), batch_size):
+            batch = collate(chosen[start:start + batch_size], tokenizer.pad_token_id, seq2seq)
+            yield {key: value.to(device) for key, value in batch.items()}
+
+    return TaskData(items, num_steps, batches)
+
+
+def train_task(model, method: ContinualMethod, task_index: int, task: Task, items: list[Encoded],
                tokenizer, accelerator: Accelerator, config: TrainingConfig, num_tasks: int):
     """Train one task under the method's hooks; returns the model after ``method.finish`` and a log."""
+    log = {"task": task.name, "examples": len(items)}
+    if not items:  # e.g. the MTL upper bound, which learns every task at the first one
+        return model, {**log, "optimizer_steps": 0}
     start = time.perf_counter()
-    model = method.prepare(model, task_index, task)
+    seq2seq = is_seq2seq(model)
+    per_process = math.ceil(len(items) / (config.batch_size * accelerator.num_processes))
+    steps = math.ceil(per_process / config.grad_accum) * config.epochs
+    data = task_data(items, steps, tokenizer, seq2seq, accelerator.device)
+    model = method.prepare(model, task_index, task, data)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {method.name} left no trainable parameters for task {task.name}")
-    seq2seq = is_seq2seq(model)
-    loader = DataLoader(encoder.training(task.train), batch_size=config.batch_size, shuffle=True,
+    loader = DataLoader(items, batch_size=config.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(config.seed + task_index),
                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, seq2seq))
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate or method.default_learning_rate,
                                   weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps = math.ceil(len(loader) / config.grad_accum) * config.epochs
     scheduler = accelerator.prepare(get_constant_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps)))
     raw = accelerator.unwrap_model(model)  # what the method's hooks see: no DDP wrapper
     losses, penalties = [], []
@@ -167,12 +183,12 @@ def train_task(model, method: ContinualMethod, task_index: int, task: Task, enco
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()  # drop the task's optimizer state
     trained = time.perf_counter()
-    model = method.finish(model, task_index, task)
+    model = method.finish(model, task_index, task, data)
     tenth = max(1, len(losses) // 10)
-    log = {"task": task.name, "examples": len(task.train), "optimizer_steps": steps,
-           "loss_start": sum(losses[:tenth]) / tenth, "loss_end": sum(losses[-tenth:]) / tenth,
-           "penalty_mean": sum(penalties) / len(penalties), "train_seconds": trained - start,
-           "finish_seconds": time.perf_counter() - trained}
+    log.update({"optimizer_steps": steps, "loss_start": sum(losses[:tenth]) / tenth,
+                "loss_end": sum(losses[-tenth:]) / tenth, "penalty_mean": sum(penalties) / len(penalties),
+                "train_seconds": trained - start, "finish_seconds": time.perf_counter() - trained,
+                **method.report()})
     return model, log
 
 
@@ -206,6 +222,7 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     method.setup(model, tasks)
     seq2seq = is_seq2seq(model)
     encoders = [TaskEncoder(tokenizer, task, training.max_length, seq2seq) for task in tasks]
+    sequence = [encoder.training(task.train) for task, encoder in zip(tasks, encoders)]
     result = SequenceResult([task.name for task in tasks], evaluation.mode)
     header = {"run": run_info or {}, "method": method.describe(), "training_config": asdict(training),
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
@@ -214,7 +231,8 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
         result.zero_shot = [score.accuracy for score in scores]
     for t, task in enumerate(tasks):
-        model, log = train_task(model, method, t, task, encoders[t], tokenizer, accelerator, training, len(tasks))
+        items = method.training_items(t, sequence)
+        model, log = train_task(model, method, t, task, items, tokenizer, accelerator, training, len(tasks))
         result.task_logs.append(log)
         eval_start = time.perf_counter()
         scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator,

@@ -1,8 +1,11 @@
 """Continual-learning methods. Each is one file here with a ``@register``-ed ``ContinualMethod``;
 importing it below is its registration."""
 
-from . import ella, inclora, seqft, seqlora  # noqa: F401  (registers the methods)
-from .base import METHODS, ContinualMethod, NoHyperparameters, get_method, hyperparameter, register
+from . import ella  # noqa: F401
+from . import inclora  # noqa: F401
+from . import seqft  # noqa: F401
+from . import seqlora  # noqa: F401
+from .base import METHODS, ContinualMethod, NoHyperparameters, TaskData, get_method, hyperparameter, register
 from .ella import ELLA, ELLAHyperparameters, ella_penalty
 from .inclora import IncLoRA
 from .lora import LoraHyperparameters, LoraMethod
@@ -10,5 +13,5 @@ from .seqft import SeqFT
 from .seqlora import SeqLoRA
 
 __all__ = ["ELLA", "METHODS", "ContinualMethod", "ELLAHyperparameters", "IncLoRA", "LoraHyperparameters",
-           "LoraMethod", "NoHyperparameters", "SeqFT", "SeqLoRA", "ella_penalty", "get_method", "hyperparameter",
-           "register"]
+           "LoraMethod", "NoHyperparameters", "SeqFT", "SeqLoRA", "TaskData", "ella_penalty", "get_method",
+           "hyperparameter", "register"]

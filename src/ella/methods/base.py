@@ -3,27 +3,31 @@ registered with ``@register``. The engine calls the hooks below and never branch
 
 For task t of a sequence the engine calls, in order::
 
-    model = method.prepare(model, t, task)        # attach / select adapters, choose what trains
+    items = method.training_items(t, sequence)          # what to train on (Replay adds its buffer)
+    model = method.prepare(model, t, task, data)        # attach / select adapters, choose what trains
     for each batch:
-        loss = task_loss + method.penalty(model)   # extra loss term (fp32, outside autocast)
-        loss.backward(); method.after_backward(model)
-        optimizer.step(); method.after_step(model)
-    model = method.finish(model, t, task)          # accumulate state, merge
+        loss = task_loss + method.penalty(model)         # extra loss term (fp32, outside autocast)
+        loss.backward(); method.after_backward(model)    # edit gradients
+        optimizer.step(); method.after_step(model)       # edit parameters
+    model = method.finish(model, t, task, data)         # accumulate state, merge
+    log.update(method.report())                         # the method's own figures for the task
 
 ``setup(model, tasks)`` runs once before the first task to check the configuration, so that a mistake is
-reported before any training. ``state_dict()`` holds what the method keeps beyond the model's weights
-(ELLA: W_past); it is saved with safetensors after every task.
+reported before any training. ``data`` (a ``TaskData``) lets a method read the task's training examples, e.g. a
+pass over them before training (InfLoRA, Sculpting) or after it (EWC), and the number of optimiser steps planned.
+``state_dict()`` holds what the method keeps beyond the model's weights (ELLA: W_past); it is saved with
+safetensors after every task.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
-from ..data import Task
+from ..data import Encoded, Task
 from ..errors import EllaError
 
 METHODS: dict[str, type["ContinualMethod"]] = {}
@@ -53,6 +57,24 @@ class NoHyperparameters:
     pass
 
 
+@dataclass
+class TaskData:
+    """What a method may read of the current task besides its ``Task``."""
+
+    items: list[Encoded]  # the task's tokenized training examples
+    num_steps: int  # optimiser steps planned for the task
+    batches: Callable[..., Iterator[dict[str, torch.Tensor]]]  # batches(batch_size=1, limit=None), on the device
+
+
+
+def require_data(data: TaskData | None, method: str, purpose: str) -> TaskData:
+    """``data``, or an error for a user's own loop that called a hook without it."""
+    if data is None:
+        raise EllaError(f"{method} needs the task's data {purpose}: pass data=TaskData(...) to the hook "
+                        "(ella.run_sequence does this for you)")
+    return data
+
+
 class ContinualMethod:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `ella methods`
@@ -74,7 +96,13 @@ class ContinualMethod:
     def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
         """Check the configuration against the model and the sequence before anything trains."""
 
-    def prepare(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def training_items(self, task_index: int, sequence: list[list[Encoded]]) -> list[Encoded]:
+        """The examples to train on for task ``task_index``: by default its own. ``sequence`` holds every task's
+        examples; only the MTL upper bound may look past ``task_index``. An empty list skips the task's training."""
+        return sequence[task_index]
+
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
+                data: TaskData | None = None) -> torch.nn.Module:
         """Return the model to train on this task, with exactly the trainable parameters set."""
         return model
 
@@ -88,9 +116,14 @@ class ContinualMethod:
     def after_step(self, model: torch.nn.Module) -> None:
         """Edit parameters after each optimiser step (re-projection)."""
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
         """Close the task: accumulate the method's state, merge what should be merged; return the model."""
         return model
+
+    def report(self) -> dict:
+        """Figures of the task just finished for the task's log (e.g. JumpLoRA's sparsity)."""
+        return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

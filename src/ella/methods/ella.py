@@ -21,7 +21,7 @@ import torch
 
 from ..data import Task
 from ..errors import EllaError
-from .base import hyperparameter, register
+from .base import TaskData, hyperparameter, register
 from .inclora import IncLoRA, task_adapter
 from .lora import LoraHyperparameters, delta_weights
 
@@ -78,13 +78,14 @@ class ELLA(IncLoRA):
             raise EllaError(f"{len(self.config.lam)} λ values for {len(tasks)} tasks: give one λ, "
                             "or exactly one per task")
 
-    def prepare(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
+                data: TaskData | None = None) -> torch.nn.Module:
         lam = self.config.lam
         self.lam_now = lam[task_index] if isinstance(lam, list) else lam
         self.adapter = task_adapter(task_index)
         device = next(model.parameters()).device
         self.w_past = {name: past.to(device) for name, past in self.w_past.items()}
-        return super().prepare(model, task_index, task)
+        return super().prepare(model, task_index, task, data)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         if not self.w_past or self.lam_now == 0:  # the first task: W_past = 0
@@ -94,12 +95,13 @@ class ELLA(IncLoRA):
             deltas = delta_weights(model, self.adapter)
             return self.lam_now * ella_penalty(deltas, self.w_past, self.config.penalty_reduction)
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
         with torch.no_grad():
             for name, delta in delta_weights(model, self.adapter).items():
                 delta = delta.float()
                 self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta.clone()
-        return super().finish(model, task_index, task)
+        return super().finish(model, task_index, task, data)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: past.contiguous() for name, past in self.w_past.items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..data import Task
-from .base import register
+from .base import TaskData, register
 from .lora import LoraMethod, attach_lora
 
 
@@ -22,8 +22,10 @@ class IncLoRA(LoraMethod):
     name = "inclora"
     summary = "a fresh LoRA per task; finished ones frozen and summed (merged into the weights)"
 
-    def prepare(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
+                data: TaskData | None = None) -> torch.nn.Module:
         return attach_lora(model, self.config, self.target_modules, task_adapter(task_index))
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
         return model.merge_and_unload()
