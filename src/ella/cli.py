@@ -37,15 +37,22 @@ def _argument_type(parse: typing.Callable) -> typing.Callable:
     return convert
 
 
-def _method_hyperparameters() -> dict[str, tuple[dataclasses.Field, typing.Callable, list[str]]]:
-    """Every registered method's config fields: name -> (field, parser, the methods that have it)."""
-    options: dict[str, tuple[dataclasses.Field, typing.Callable, list[str]]] = {}
+def _method_hyperparameters() -> dict[str, tuple[dataclasses.Field, typing.Callable, dict[str, object]]]:
+    """Every registered method's config fields: name -> (field, parser, {method that has it: its default})."""
+    options: dict[str, tuple[dataclasses.Field, typing.Callable, dict[str, object]]] = {}
     for method_name, cls in sorted(METHODS.items()):
         hints = typing.get_type_hints(cls.config_class)
         for f in dataclasses.fields(cls.config_class):
             parse = f.metadata.get("parse") or hints[f.name]
-            options.setdefault(f.name, (f, parse, []))[2].append(method_name)
+            options.setdefault(f.name, (f, parse, {}))[2][method_name] = f.default
     return options
+
+
+def _defaults(defaults: dict[str, object]) -> str:
+    """'ella, inclora: 8' or, where the methods differ, 'ella: 30000.0; jumplora: 0.0'."""
+    if len(set(map(repr, defaults.values()))) == 1:
+        return f"{', '.join(defaults)}; default: {next(iter(defaults.values()))}"
+    return "; ".join(f"{method}: {default}" for method, default in defaults.items())
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         hyper.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=_argument_type(parse),
                            default=argparse.SUPPRESS,
                            metavar=name.upper(),
-                           help=f"{f.metadata['help']} [{', '.join(owners)}; default: {f.default}]")
+                           help=f"{f.metadata['help']} [{_defaults(owners)}]")
 
     train = run.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=1, help="epochs per task")
@@ -137,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_methods(args: argparse.Namespace) -> int:
     options = _method_hyperparameters()
+    width = max(map(len, METHODS)) + 2
     for name, cls in sorted(METHODS.items()):
-        print(f"{name:10s} {cls.summary}")
-        flags = [f"--{o.replace('_', '-')} {f.default}" for o, (f, _, owners) in options.items() if name in owners]
-        print(f"{'':10s} lr {cls.default_learning_rate:g}" + ("; " + "  ".join(flags) if flags else ""))
+        print(f"{name:{width}s}{cls.summary}")
+        flags = [f"--{o.replace('_', '-')} {owners[name]}" for o, (_, _, owners) in options.items() if name in owners]
+        print(" " * width + f"lr {cls.default_learning_rate:g}" + ("; " + "  ".join(flags) if flags else ""))
     return 0
 
 

@@ -3,6 +3,8 @@ importing it below is its registration."""
 
 from . import ella  # noqa: F401
 from . import inclora  # noqa: F401
+from . import jumplora  # noqa: F401
+from . import sculpting  # noqa: F401
 from . import seqft  # noqa: F401
 from . import seqlora  # noqa: F401
 from .base import METHODS, ContinualMethod, NoHyperparameters, TaskData, get_method, hyperparameter, register

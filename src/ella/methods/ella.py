@@ -92,16 +92,27 @@ class ELLA(IncLoRA):
             return super().penalty(model)
         device_type = next(model.parameters()).device.type
         with torch.autocast(device_type, enabled=False):  # ΔW and its square in fp32, also under mixed precision
-            deltas = delta_weights(model, self.adapter)
+            deltas = self.task_updates(model)
             return self.lam_now * ella_penalty(deltas, self.w_past, self.config.penalty_reduction)
+
+    def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+        """ΔW_t of every adapted module: what the penalty sees while training, and (``merged``) what the merge adds
+        to the weights. For plain LoRA both are s·B·A."""
+        return delta_weights(model, self.adapter)
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
-        with torch.no_grad():
-            for name, delta in delta_weights(model, self.adapter).items():
-                delta = delta.float()
-                self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta.clone()
+        lams = self.config.lam if isinstance(self.config.lam, list) else [self.config.lam]
+        if max(lams) > 0:  # W_past serves only the penalty: with λ = 0 throughout, keep nothing
+            self.accumulate(model)
         return super().finish(model, task_index, task, data)
+
+    @torch.no_grad()
+    def accumulate(self, model: torch.nn.Module) -> None:
+        """W_past^m ← W_past^m + ΔW_t^m (the update being merged)."""
+        for name, delta in self.task_updates(model, merged=True).items():
+            delta = delta.float()
+            self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: past.contiguous() for name, past in self.w_past.items()}

@@ -44,21 +44,26 @@ class LoraHyperparameters:
 
 
 def resolve_target_modules(model: torch.nn.Module, targets: list[str] | None) -> list[str]:
-    """The target module names, checked against the model: a name matches a module whose path ends with it."""
+    """The LoRA target module names (default: peft's attention q and v for the model type), checked."""
     model_type = model.config.model_type
     if targets is None:
         targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         if targets is None:
             raise EllaError(f"no default LoRA target modules for model type {model_type!r}; "
                             "pass --target-modules, e.g. --target-modules q_proj,v_proj")
+    check_target_modules(model, targets)
+    return list(targets)
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every target must match a module whose path ends with it (peft's rule); else name the alternatives."""
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                          if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"})
-        raise EllaError(f"target module(s) {', '.join(missing)} not found in this {model_type} model; "
+        raise EllaError(f"target module(s) {', '.join(missing)} not found in this {model.config.model_type} model; "
                         f"its linear layers are named: {', '.join(linear)}")
-    return list(targets)
 
 
 def attach_lora(model: torch.nn.Module, h: LoraHyperparameters, targets: list[str], adapter: str) -> PeftModel:
@@ -72,6 +77,14 @@ def lora_layers(model: PeftModel, adapter: str) -> dict[str, LoraLayer]:
     """The LoRA layers holding ``adapter``, keyed by the module's name in the base model."""
     return {name: module for name, module in model.get_base_model().named_modules()
             if isinstance(module, LoraLayer) and adapter in module.lora_A}
+
+
+def block_of(module_name: str) -> str:
+    """The transformer block a module belongs to: its path up to the first layer index
+    (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``; T5: ``decoder.block.1``)."""
+    parts = module_name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: index + 1])
 
 
 def delta_weights(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:

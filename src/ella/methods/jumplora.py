@@ -1,0 +1,213 @@
+"""JumpLoRA: sparse LoRA updates through JumpReLU gating, on IncLoRA (``jumplora``) or with ELLA (``jumplora-ella``).
+
+Each adapted matrix receives a gated version of its LoRA product P = B·A, element-wise:
+
+    ΔW_eff = s·(a·J_θ(P) + (1 − a)·P),      J_θ(x) = x·1[|x| > θ]   (symmetric: both signs survive)
+
+θ = exp(log θ): one for the whole model (``--threshold-scope global``) or one per transformer block (``block``),
+starting at exp(−4.7). θ learns from the task loss alone (no sparsity penalty) through straight-through
+estimators with bandwidth ε: with m = |x| and g the gradient reaching J,
+
+    ∂J/∂m = 1[m > θ]·g,        ∂J/∂θ = −(θ/ε)·mean(rect((m − θ)/ε)·g),      rect(u) = 1[|u| < ½]
+
+The interpolation a ramps linearly from 0 to 1 between 20 % and 80 % of each task's optimiser steps and restarts at 0
+for every task. When the ramp starts, θ is reset to the k-th largest |P| of its group, k = the group's LoRA parameter
+count Σ r·(d_in + d_out), so that exactly as many entries survive as LoRA has parameters. After the task the
+hard-gated update s·J_θ(P) is merged into the weights (equivalent to IncLoRA's frozen sum); with λ > 0 ELLA's penalty
+applies to ΔW_eff and W_past accumulates the merged update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+
+from ..data import Task
+from ..errors import EllaError
+from .base import TaskData, hyperparameter, register, require_data
+from .ella import ELLA, ELLAHyperparameters, parse_lambdas
+from .lora import block_of, lora_layers
+
+SCOPES = ("global", "block")
+
+
+class JumpReLU(torch.autograd.Function):
+    """J(m) = m·1[m > θ] on magnitudes m ≥ 0, with the straight-through estimators of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, magnitude: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(magnitude, threshold)
+        ctx.bandwidth = bandwidth
+        return magnitude * (magnitude > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        magnitude, threshold = ctx.saved_tensors
+        near_threshold = ((magnitude - threshold) / ctx.bandwidth).abs() < 0.5  # rect((m − θ)/ε)
+        grad_threshold = -(threshold / ctx.bandwidth) * (near_threshold * grad).mean()
+        return grad * (magnitude > threshold), grad_threshold.reshape(threshold.shape), None
+
+
+def jump_gate(x: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """J_θ(x) = x·1[|x| > θ], θ = exp(log θ): JumpReLU on |x|, sign restored."""
+    return torch.sign(x) * JumpReLU.apply(x.abs(), log_threshold.exp(), bandwidth)
+
+
+def ramp(progress: float, start: float, end: float) -> float:
+    """a: 0 before ``start``, 1 after ``end`` (fractions of the task's steps), linear in between."""
+    return min(1.0, max(0.0, (progress - start) / (end - start)))
+
+
+@dataclass
+class JumpLoRAHyperparameters(ELLAHyperparameters):
+    lam: float | list[float] = hyperparameter(
+        0.0, "ELLA's penalty weight λ on the gated update (0: JumpLoRA on IncLoRA); one value or one per task",
+        parse_lambdas)
+    threshold_scope: str = hyperparameter("global", "one threshold θ for the model ('global') or one per "
+                                                    "transformer block ('block')")
+    log_threshold_init: float = hyperparameter(-4.7, "initial log θ")
+    bandwidth: float = hyperparameter(1e-3, "ε, the bandwidth of the straight-through estimator of ∂/∂θ")
+    ramp_start: float = hyperparameter(0.2, "fraction of each task's steps where the dense-to-sparse ramp starts "
+                                            "(and θ is reset to the LoRA parameter budget)")
+    ramp_end: float = hyperparameter(0.8, "fraction of each task's steps where the ramp reaches the hard gate")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.threshold_scope not in SCOPES:
+            raise EllaError(f"threshold_scope must be one of {SCOPES} (got {self.threshold_scope!r})")
+        if not self.bandwidth > 0:
+            raise EllaError(f"bandwidth must be positive (got {self.bandwidth})")
+        if not 0 <= self.ramp_start < self.ramp_end <= 1:
+            raise EllaError(f"need 0 <= ramp_start < ramp_end <= 1 (got {self.ramp_start}, {self.ramp_end})")
+
+
+@dataclass
+class JumpLoRAELLAHyperparameters(JumpLoRAHyperparameters):
+    lam: float | list[float] = hyperparameter(
+        3e4, "ELLA's penalty weight λ on the gated update; one value or one per task", parse_lambdas)
+
+
+class GatedUpdate(LoraVariant):
+    """peft LoRA variant: the layer adds x·ΔW_effᵀ, the gated dense update, instead of s·B(A(x))."""
+
+    def __init__(self, method: "JumpLoRA", log_threshold: torch.nn.Parameter):
+        self.method, self.log_threshold = method, log_threshold
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
+        pass  # installed on a layer whose LoRA is already initialised
+
+    def forward(self, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        update = self.method.gated_update(module, active_adapter, self.log_threshold, self.method.mix)
+        return result + F.linear(module.lora_dropout[active_adapter](x), update)
+
+    def merge_safe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + self.hard_update(module, active_adapter).to(orig_weight.dtype)
+
+    def merge_unsafe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += self.hard_update(module, active_adapter).to(orig_weight.dtype)
+
+    def unmerge(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - self.hard_update(module, active_adapter).to(orig_weight.dtype)
+
+    def hard_update(self, module: LoraLayer, active_adapter: str) -> torch.Tensor:
+        return self.method.gated_update(module, active_adapter, self.log_threshold, mix=1.0)
+
+
+@register
+class JumpLoRA(ELLA):
+    name = "jumplora"
+    summary = "IncLoRA whose updates are gated by a learned JumpReLU threshold into sparse ones (JumpLoRA)"
+    config_class = JumpLoRAHyperparameters
+
+    def __init__(self, config=None, **hyperparameters):
+        super().__init__(config, **hyperparameters)
+        self.mix = 0.0  # the interpolation a
+        self.step = self.num_steps = 0
+        self.thresholds: dict[str, torch.nn.Parameter] = {}  # group -> log θ
+        self.group_of: dict[str, str] = {}  # module name -> its threshold's group
+        self.sparsity: dict = {}
+
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
+                data: TaskData | None = None) -> torch.nn.Module:
+        data = require_data(data, self.name, "for its schedule (the number of optimiser steps of the task)")
+        model = super().prepare(model, task_index, task, data)
+        self.step, self.num_steps, self.mix = 0, data.num_steps, 0.0
+        device = next(model.parameters()).device
+        self.thresholds, self.group_of = {}, {}
+        for name, layer in lora_layers(model, self.adapter).items():
+            group = self.group_of[name] = "model" if self.config.threshold_scope == "global" else block_of(name)
+            if group not in self.thresholds:
+                self.thresholds[group] = torch.nn.Parameter(torch.tensor(self.config.log_threshold_init, device=device))
+            layer.register_parameter("jump_log_threshold", self.thresholds[group])  # so the optimiser trains it
+            layer.lora_variant[self.adapter] = GatedUpdate(self, self.thresholds[group])
+        return model
+
+    def gated_update(self, layer: LoraLayer, adapter: str, log_threshold: torch.Tensor,
+                     mix: float) -> torch.Tensor:
+        """ΔW_eff = s·(a·J_θ(B·A) + (1 − a)·B·A), in the base weight's layout."""
+        product = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
+        if mix > 0:
+            product = mix * jump_gate(product, log_threshold, self.config.bandwidth) + (1 - mix) * product
+        return product * layer.scaling[adapter]
+
+    def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+        return {name: layer.lora_variant[self.adapter].hard_update(layer, self.adapter) if merged else
+                self.gated_update(layer, self.adapter, layer.jump_log_threshold, self.mix)
+                for name, layer in lora_layers(model, self.adapter).items()}
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        self.step += 1
+        progress = self.step / self.num_steps
+        if self.mix == 0 and progress >= self.config.ramp_start:
+            self.reset_thresholds(model)
+        self.mix = ramp(progress, self.config.ramp_start, self.config.ramp_end)
+
+    @torch.no_grad()
+    def reset_thresholds(self, model: torch.nn.Module) -> None:
+        """θ ← the (k+1)-th largest |B·A| of each group, k = Σ r·(d_in + d_out) over the group's modules, so that
+        exactly the k largest entries pass the strict gate |x| > θ."""
+        magnitudes: dict[str, list[torch.Tensor]] = {}
+        budgets: dict[str, int] = {}
+        for name, layer in lora_layers(model, self.adapter).items():
+            group = self.group_of[name]
+            product = layer.lora_B[self.adapter].weight @ layer.lora_A[self.adapter].weight
+            magnitudes.setdefault(group, []).append(product.abs().flatten())
+            r, d_in = layer.lora_A[self.adapter].weight.shape
+            budgets[group] = budgets.get(group, 0) + r * (d_in + product.shape[0])
+        for group, parts in magnitudes.items():
+            values = torch.cat(parts)
+            if budgets[group] >= values.numel():
+                continue  # every entry fits the budget: nothing to cut
+            threshold = values.topk(budgets[group] + 1).values[-1]
+            if threshold > 0:  # an all-zero update (B still 0) keeps the initial threshold
+                self.thresholds[group].fill_(threshold.log())
+
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
+        with torch.no_grad():
+            merged = self.task_updates(model, merged=True)
+            kept = sum(int(update.count_nonzero()) for update in merged.values())
+            budget = sum(layer.lora_A[self.adapter].weight.shape[0] * sum(layer.base_layer.weight.shape)
+                         for layer in lora_layers(model, self.adapter).values())
+            self.sparsity = {
+                "surviving_entries": kept,
+                "lora_parameters": budget,
+                "density": kept / sum(update.numel() for update in merged.values()),
+                "density_per_module": {name: int(u.count_nonzero()) / u.numel() for name, u in merged.items()},
+                "thresholds": {group: float(p.exp()) for group, p in self.thresholds.items()},
+            }
+        return super().finish(model, task_index, task, data)
+
+    def report(self) -> dict:
+        return {"sparsity": self.sparsity}
+
+
+@register
+class JumpLoRAELLA(JumpLoRA):
+    name = "jumplora-ella"
+    summary = "JumpLoRA's sparse gated updates under ELLA's penalty λ·Σ‖ΔW_eff ⊙ W_past‖²"
+    config_class = JumpLoRAELLAHyperparameters
