@@ -2,20 +2,25 @@ import pytest
 import torch
 
 from ella import EllaError, EvaluationConfig, TrainingConfig, get_method, run_sequence
-from ella.methods import ella_penalty
 from ella.methods.lora import lora_layers
+from ella.methods.w_past import LowRank, PastUpdates
 from ella.models import tiny_model
 
 FP32 = dict(mixed_precision="no")
 
 
-def test_penalty_and_its_gradient_by_hand():
+@pytest.mark.parametrize("representation", ["dense", "factors", "svd"])
+def test_penalty_and_its_gradient_by_hand(representation):
     # r = 1, alpha = 2 -> s = 2;  ΔW = s·B·A = 2·[[1],[3]]·[[1, 2]] = [[2, 4], [6, 12]]
     A = torch.tensor([[1.0, 2.0]], requires_grad=True)
     B = torch.tensor([[1.0], [3.0]], requires_grad=True)
-    w_past = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+    # W_past = [[1, 0], [0.5, -1]], given as the update of two earlier rank-one tasks
+    w_past = PastUpdates(representation, rank=2)
+    w_past.add("m", LowRank(torch.tensor([[1.0], [0.5]]), torch.tensor([[1.0], [0.0]])))
+    w_past.add("m", LowRank(torch.tensor([[0.0], [-1.0]]), torch.tensor([[0.0], [1.0]])))
+    torch.testing.assert_close(w_past.matrix("m"), torch.tensor([[1.0, 0.0], [0.5, -1.0]]))
     lam = 0.5
-    penalty = lam * ella_penalty({"m": 2 * B @ A}, {"m": w_past})
+    penalty = lam * w_past.penalty({"m": LowRank(2 * B, A.T)})
     # ΔW ⊙ W_past = [[2, 0], [3, -12]] -> 4 + 0 + 9 + 144 = 157, times λ
     assert penalty.item() == pytest.approx(78.5)
     penalty.backward()
@@ -26,10 +31,12 @@ def test_penalty_and_its_gradient_by_hand():
 
 def test_mean_reduction_averages_modules():
     deltas = {"a": torch.ones(2, 2), "b": torch.full((1, 3), 2.0)}
-    w_past = {"a": torch.full((2, 2), 3.0), "b": torch.ones(1, 3)}
+    w_past = PastUpdates("dense")
+    w_past.add("a", torch.full((2, 2), 3.0))
+    w_past.add("b", torch.ones(1, 3))
     # module a: 4 entries of (1·3)² = 36; module b: 3 entries of (2·1)² = 12
-    assert ella_penalty(deltas, w_past, "sum").item() == pytest.approx(48.0)
-    assert ella_penalty(deltas, w_past, "mean").item() == pytest.approx(24.0)
+    assert w_past.penalty(deltas, "sum").item() == pytest.approx(48.0)
+    assert w_past.penalty(deltas, "mean").item() == pytest.approx(24.0)
 
 
 def test_penalty_through_peft_layers(tasks):
@@ -46,7 +53,9 @@ def test_penalty_through_peft_layers(tasks):
         layers[name].lora_A[method.adapter].weight[0] = 1.0
         layers[name].lora_B[method.adapter].weight[:, 0] = 1.0
     d_out, d_in = layers[name].base_layer.weight.shape
-    method.w_past = {n: torch.full_like(layer.base_layer.weight, 2.0) for n, layer in layers.items()}
+    for n, layer in layers.items():  # W_past = 2 everywhere: the rank-one 2·1·1ᵀ
+        d_out_n, d_in_n = layer.base_layer.weight.shape
+        method.w_past.add(n, LowRank(torch.full((d_out_n, 1), 2.0), torch.ones(d_in_n, 1)))
     # every entry of ΔW ⊙ W_past is 4·2 = 8 on the one module, 0 elsewhere
     assert method.penalty(model).item() == pytest.approx(0.25 * 64 * d_out * d_in)
 
@@ -67,24 +76,30 @@ def test_w_past_is_the_sum_of_the_merged_updates(tasks):
     model, result = run_sequence(model, tokenizer, tasks, method,
                                  TrainingConfig(learning_rate=1e-2, batch_size=4, **FP32),
                                  EvaluationConfig(mode="rank", zero_shot=False))
-    assert sorted(method.w_past) == sorted(f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv")
+    assert sorted(method.w_past.modules) == sorted(f"model.layers.{i}.self_attn.{p}_proj"
+                                                   for i in range(2) for p in "qv")
     weights = model.state_dict()
-    for name, past in method.w_past.items():
+    for name in method.w_past.modules:
         merged_update = weights[name + ".weight"] - base[name + ".weight"]
+        past = method.w_past.matrix(name)
         assert past.abs().max() > 0
         torch.testing.assert_close(past, merged_update, rtol=0, atol=1e-6)
     assert result.task_logs[0]["penalty_mean"] == 0.0 and result.task_logs[1]["penalty_mean"] > 0.0
     # nothing but the adapted modules changed
     changed = {n for n in base if not torch.equal(base[n], weights[n])}
-    assert changed == {name + ".weight" for name in method.w_past}
+    assert changed == {name + ".weight" for name in method.w_past.modules}
 
 
-def test_state_round_trip(tasks):
-    method = get_method("ella")
-    method.w_past = {"x.q": torch.ones(2, 3)}
-    other = get_method("ella")
+@pytest.mark.parametrize("representation", ["dense", "factors", "svd"])
+def test_state_round_trip(representation):
+    method = get_method("ella", w_past=representation)
+    method.w_past.add("x.q", LowRank(torch.ones(2, 1), torch.ones(3, 1)))
+    other = get_method("ella", w_past=representation)
     other.load_state_dict(method.state_dict())
-    torch.testing.assert_close(other.w_past["x.q"], torch.ones(2, 3))
+    torch.testing.assert_close(other.w_past.matrix("x.q"), torch.ones(2, 3))
+    with pytest.raises(EllaError, match="pass the matching --w-past"):
+        get_method("ella", w_past="dense" if representation != "dense" else "svd").load_state_dict(
+            method.state_dict())
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -38,7 +38,8 @@ def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):
     assert code == 0
     results = json.loads((out_dir / "results.json").read_text())
     assert results["tasks"] == ["colour", "parity"] and results["method"]["target_modules"] == ["q", "v"]
-    assert len(load_file(out_dir / "method_state.safetensors")) == 2 * 2 * 3  # q, v of 2 layers x 3 attentions
+    w_past = load_file(out_dir / "method_state.safetensors")  # W_past as rank-R factors: <module>.left/.right
+    assert len({key.rsplit(".", 1)[0] for key in w_past}) == 2 * 2 * 3  # q, v of 2 layers x 3 attentions
     saved, _ = load_model(str(out_dir / "model"))
     assert saved.config.is_encoder_decoder and (out_dir / "accuracy_matrix.png").stat().st_size > 0
 
@@ -60,9 +61,10 @@ def test_smollm2_two_tasks_end_to_end(data_dir, tmp_path, capsys):
     assert [log["task"] for log in results["task_logs"]] == ["dbpedia", "agnews"]
     assert results["task_logs"][0]["loss_end"] < results["task_logs"][0]["loss_start"]  # it learns
     assert results["task_logs"][1]["penalty_mean"] > 0  # ELLA's penalty is active on the second task
-    w_past = load_file(out_dir / "method_state.safetensors")
-    assert len(w_past) == 30 * 2  # q_proj and v_proj of 30 layers
-    assert w_past["model.layers.0.self_attn.q_proj"].shape == (576, 576)
-    assert w_past["model.layers.0.self_attn.v_proj"].shape == (192, 576)
+    w_past = load_file(out_dir / "method_state.safetensors")  # two tasks of rank 8: exact factors of rank 16
+    assert len(w_past) == 30 * 2 * 2  # left and right factors of q_proj and v_proj in 30 layers
+    assert w_past["model.layers.0.self_attn.q_proj.left"].shape == (576, 16)
+    assert w_past["model.layers.0.self_attn.v_proj.left"].shape == (192, 16)
+    assert w_past["model.layers.0.self_attn.v_proj.right"].shape == (576, 16)
     predictions = (out_dir / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 12 and {"task", "input", "target", "prediction"} <= set(json.loads(predictions[0]))

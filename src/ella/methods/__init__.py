@@ -8,12 +8,12 @@ from . import sculpting  # noqa: F401
 from . import seqft  # noqa: F401
 from . import seqlora  # noqa: F401
 from .base import METHODS, ContinualMethod, NoHyperparameters, TaskData, get_method, hyperparameter, register
-from .ella import ELLA, ELLAHyperparameters, ella_penalty
+from .ella import ELLA, ELLAHyperparameters
 from .inclora import IncLoRA
 from .lora import LoraHyperparameters, LoraMethod
 from .seqft import SeqFT
 from .seqlora import SeqLoRA
 
 __all__ = ["ELLA", "METHODS", "ContinualMethod", "ELLAHyperparameters", "IncLoRA", "LoraHyperparameters",
-           "LoraMethod", "NoHyperparameters", "SeqFT", "SeqLoRA", "TaskData", "ella_penalty", "get_method",
+           "LoraMethod", "NoHyperparameters", "SeqFT", "SeqLoRA", "TaskData", "get_method",
            "hyperparameter", "register"]

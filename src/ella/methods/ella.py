@@ -23,7 +23,8 @@ from ..data import Task
 from ..errors import EllaError
 from .base import TaskData, hyperparameter, register
 from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, delta_weights
+from .lora import LoraHyperparameters, lora_layers
+from .w_past import REPRESENTATIONS, LowRank, PastUpdates
 
 REDUCTIONS = ("sum", "mean")
 
@@ -43,6 +44,9 @@ class ELLAHyperparameters(LoraHyperparameters):
         3e4, "penalty weight λ: one value, or one per task (comma-separated); the paper used 3e4 on "
              "T5-large; the right value depends on the model's weight scale", parse_lambdas)
     penalty_reduction: str = hyperparameter("sum", "combine the modules' penalties by 'sum' (paper) or 'mean'")
+    w_past: str = hyperparameter("svd", "how W_past is kept: 'dense' (d_out x d_in per module), 'factors' (exact, "
+                                        "grows by r per task) or 'svd' (truncated to --w-past-rank: constant size)")
+    w_past_rank: int = hyperparameter(64, "rank R that the 'svd' representation keeps")
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,13 +55,10 @@ class ELLAHyperparameters(LoraHyperparameters):
             raise EllaError(f"λ must be non-negative (got {self.lam}); λ = 0 is IncLoRA")
         if self.penalty_reduction not in REDUCTIONS:
             raise EllaError(f"penalty_reduction must be one of {REDUCTIONS} (got {self.penalty_reduction!r})")
-
-
-def ella_penalty(deltas: dict[str, torch.Tensor], w_past: dict[str, torch.Tensor],
-                 reduction: str = "sum") -> torch.Tensor:
-    """Σ_m ‖ΔW^m ⊙ W_past^m‖_F² over the modules of ``w_past`` (or the mean over them)."""
-    terms = torch.stack([(deltas[name] * past).square().sum() for name, past in w_past.items()])
-    return terms.sum() if reduction == "sum" else terms.mean()
+        if self.w_past not in REPRESENTATIONS:
+            raise EllaError(f"w_past must be one of {REPRESENTATIONS} (got {self.w_past!r})")
+        if self.w_past_rank < 1:
+            raise EllaError(f"w_past_rank must be at least 1 (got {self.w_past_rank})")
 
 
 @register
@@ -68,7 +69,7 @@ class ELLA(IncLoRA):
 
     def __init__(self, config=None, **hyperparameters):
         super().__init__(config, **hyperparameters)
-        self.w_past: dict[str, torch.Tensor] = {}  # base-model module name -> Σ of finished tasks' ΔW
+        self.w_past = PastUpdates(self.config.w_past, self.config.w_past_rank)  # module name -> Σ of tasks' ΔW
         self.lam_now = 0.0
         self.adapter = ""
 
@@ -83,8 +84,7 @@ class ELLA(IncLoRA):
         lam = self.config.lam
         self.lam_now = lam[task_index] if isinstance(lam, list) else lam
         self.adapter = task_adapter(task_index)
-        device = next(model.parameters()).device
-        self.w_past = {name: past.to(device) for name, past in self.w_past.items()}
+        self.w_past.to(next(model.parameters()).device)
         return super().prepare(model, task_index, task, data)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
@@ -92,13 +92,17 @@ class ELLA(IncLoRA):
             return super().penalty(model)
         device_type = next(model.parameters()).device.type
         with torch.autocast(device_type, enabled=False):  # ΔW and its square in fp32, also under mixed precision
-            deltas = self.task_updates(model)
-            return self.lam_now * ella_penalty(deltas, self.w_past, self.config.penalty_reduction)
+            return self.lam_now * self.w_past.penalty(self.task_updates(model), self.config.penalty_reduction)
 
-    def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+    def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor | LowRank]:
         """ΔW_t of every adapted module: what the penalty sees while training, and (``merged``) what the merge adds
-        to the weights. For plain LoRA both are s·B·A."""
-        return delta_weights(model, self.adapter)
+        to the weights. For plain LoRA both are s·B·A, kept as the factors (s·B, Aᵀ) in the base weight's layout."""
+        updates = {}
+        for name, layer in lora_layers(model, self.adapter).items():
+            left = layer.lora_B[self.adapter].weight * layer.scaling[self.adapter]
+            right = layer.lora_A[self.adapter].weight.T
+            updates[name] = LowRank(right, left) if layer.fan_in_fan_out else LowRank(left, right)
+        return updates
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
@@ -110,12 +114,11 @@ class ELLA(IncLoRA):
     @torch.no_grad()
     def accumulate(self, model: torch.nn.Module) -> None:
         """W_past^m ← W_past^m + ΔW_t^m (the update being merged)."""
-        for name, delta in self.task_updates(model, merged=True).items():
-            delta = delta.float()
-            self.w_past[name] = self.w_past[name] + delta if name in self.w_past else delta.clone()
+        for name, update in self.task_updates(model, merged=True).items():
+            self.w_past.add(name, update)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: past.contiguous() for name, past in self.w_past.items()}
+        return self.w_past.tensors()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.w_past = {name: past.float() for name, past in state.items()}
+        self.w_past.load(state)

@@ -73,6 +73,8 @@ class JumpLoRAHyperparameters(ELLAHyperparameters):
     ramp_start: float = hyperparameter(0.2, "fraction of each task's steps where the dense-to-sparse ramp starts "
                                             "(and θ is reset to the LoRA parameter budget)")
     ramp_end: float = hyperparameter(0.8, "fraction of each task's steps where the ramp reaches the hard gate")
+    w_past: str = hyperparameter("dense", "how W_past is kept: 'dense' or 'svd' (truncated to --w-past-rank); "
+                                          "the gated updates are sparse, not low-rank, so 'factors' does not apply")
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +97,7 @@ class GatedUpdate(LoraVariant):
 
     def __init__(self, method: "JumpLoRA", log_threshold: torch.nn.Parameter):
         self.method, self.log_threshold = method, log_threshold
+        self.last_update: torch.Tensor | None = None  # this step's ΔW_eff, for ELLA's penalty (built once per step)
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
@@ -102,6 +105,8 @@ class GatedUpdate(LoraVariant):
 
     def forward(self, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         update = self.method.gated_update(module, active_adapter, self.log_threshold, self.method.mix)
+        if torch.is_grad_enabled():
+            self.last_update = update
         return result + F.linear(module.lora_dropout[active_adapter](x), update)
 
     def merge_safe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -155,9 +160,17 @@ class JumpLoRA(ELLA):
         return product * layer.scaling[adapter]
 
     def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
-        return {name: layer.lora_variant[self.adapter].hard_update(layer, self.adapter) if merged else
-                self.gated_update(layer, self.adapter, layer.jump_log_threshold, self.mix)
-                for name, layer in lora_layers(model, self.adapter).items()}
+        """The dense ΔW_eff of each module: the one this step's forward pass built (taken once), else built now."""
+        updates = {}
+        for name, layer in lora_layers(model, self.adapter).items():
+            variant = layer.lora_variant[self.adapter]
+            if merged:
+                updates[name] = variant.hard_update(layer, self.adapter)
+            elif variant.last_update is not None:
+                updates[name], variant.last_update = variant.last_update, None
+            else:
+                updates[name] = self.gated_update(layer, self.adapter, layer.jump_log_threshold, self.mix)
+        return updates
 
     def after_step(self, model: torch.nn.Module) -> None:
         self.step += 1
