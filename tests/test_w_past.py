@@ -59,17 +59,31 @@ def test_dense_updates_need_dense_or_svd():
     torch.testing.assert_close(store.matrix("m"), torch.eye(3))
 
 
-def test_penalty_gradient_is_the_same_with_and_without_checkpointing():
+@pytest.mark.parametrize("cache_squares", [True, False])
+@pytest.mark.parametrize("low_rank_update", [True, False])
+def test_penalty_value_and_gradient_match_the_direct_formula(cache_squares, low_rank_update):
+    """The factored ⟨L∘L, W²(R∘R)⟩ form, stacking, caching and checkpointing change nothing: same value, same
+    gradient as ‖(L Rᵀ) ⊙ W_past‖² computed directly, for several modules of two shapes."""
     generator = torch.Generator().manual_seed(3)
-    past = PastUpdates("factors")
-    past.add("m", random_update(generator))
-    left = torch.randn(12, 2, generator=generator, requires_grad=True)
-    right = torch.randn(10, 2, generator=generator, requires_grad=True)
-    past.penalty({"m": LowRank(left, right)}).backward()
-    reference_left, reference_right = left.detach().clone().requires_grad_(), right.detach().clone().requires_grad_()
-    ((reference_left @ reference_right.T) * past.matrix("m")).square().sum().backward()
-    torch.testing.assert_close(left.grad, reference_left.grad)
-    torch.testing.assert_close(right.grad, reference_right.grad)
+    past = PastUpdates("factors", cache_squares=cache_squares)
+    shapes = {"a": (12, 10), "b": (12, 10), "c": (5, 7)}
+    for name, (d_out, d_in) in shapes.items():
+        past.add(name, random_update(generator, d_out, d_in, r=3))
+    lefts = {n: torch.randn(o, 2, generator=generator, requires_grad=True) for n, (o, _) in shapes.items()}
+    rights = {n: torch.randn(i, 2, generator=generator, requires_grad=True) for n, (_, i) in shapes.items()}
+    updates = {n: LowRank(lefts[n], rights[n]) if low_rank_update else lefts[n] @ rights[n].T for n in shapes}
+    value = past.penalty(updates)
+    value.backward()
+    expected = 0
+    reference = {n: (lefts[n].detach().clone().requires_grad_(), rights[n].detach().clone().requires_grad_())
+                 for n in shapes}
+    for name, (left, right) in reference.items():
+        expected = expected + ((left @ right.T) * past.matrix(name)).square().sum()
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    for name, (left, right) in reference.items():
+        torch.testing.assert_close(lefts[name].grad, left.grad)
+        torch.testing.assert_close(rights[name].grad, right.grad)
 
 
 def test_bad_representation():

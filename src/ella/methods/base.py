@@ -52,6 +52,14 @@ def hyperparameter(default: Any, help: str, parse: Callable[[str], Any] | None =
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
 
 
+def parse_bool(text: str) -> bool:
+    """Command-line booleans: yes/no, true/false, on/off, 1/0."""
+    value = text.strip().lower()
+    if value not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise EllaError(f"expected yes or no (or true/false, on/off, 1/0), got {text!r}")
+    return value in ("yes", "true", "on", "1")
+
+
 @dataclass
 class NoHyperparameters:
     pass

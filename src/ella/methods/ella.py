@@ -21,7 +21,7 @@ import torch
 
 from ..data import Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, register
+from .base import TaskData, hyperparameter, parse_bool, register
 from .inclora import IncLoRA, task_adapter
 from .lora import LoraHyperparameters, lora_layers
 from .w_past import REPRESENTATIONS, LowRank, PastUpdates
@@ -47,6 +47,9 @@ class ELLAHyperparameters(LoraHyperparameters):
     w_past: str = hyperparameter("svd", "how W_past is kept: 'dense' (d_out x d_in per module), 'factors' (exact, "
                                         "grows by r per task) or 'svd' (truncated to --w-past-rank: constant size)")
     w_past_rank: int = hyperparameter(64, "rank R that the 'svd' representation keeps")
+    w_past_cache: bool = hyperparameter(True, "keep W_past² dense on the device during a task: the fastest penalty; "
+                                              "'no' rebuilds it every step from the stored form (least memory)",
+                                        parse_bool)
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,7 +72,8 @@ class ELLA(IncLoRA):
 
     def __init__(self, config=None, **hyperparameters):
         super().__init__(config, **hyperparameters)
-        self.w_past = PastUpdates(self.config.w_past, self.config.w_past_rank)  # module name -> Σ of tasks' ΔW
+        # module name -> Σ of finished tasks' ΔW
+        self.w_past = PastUpdates(self.config.w_past, self.config.w_past_rank, self.config.w_past_cache)
         self.lam_now = 0.0
         self.adapter = ""
 

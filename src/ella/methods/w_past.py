@@ -7,9 +7,9 @@
   constant size (d_out + d_in)·rank. Truncation keeps the largest singular directions, which are the
   high-energy coordinates the penalty exists to protect.
 
-Factored forms never keep a dense W_past resident, and a low-rank ΔW is never kept dense: the penalty builds one
-module's dense matrices at a time and builds them again in the backward pass (activation checkpointing)
-instead of storing them.
+The stored state is what the representation says. For speed the penalty keeps W_past² dense on the device during a
+task (``cache_squares``, the default); without it, nothing dense stays resident (see ``PastUpdates.penalty``).
+A low-rank ΔW is never made dense.
 """
 
 from __future__ import annotations
@@ -32,11 +32,20 @@ class LowRank:
     right: torch.Tensor
 
     def dense(self) -> torch.Tensor:
-        return self.left @ self.right.T
+        return self.left @ self.right.transpose(-2, -1)
 
 
 def dense(update: torch.Tensor | LowRank) -> torch.Tensor:
     return update.dense() if isinstance(update, LowRank) else update
+
+
+def _shape(matrix: torch.Tensor | LowRank) -> tuple[int, ...]:
+    return (*matrix.left.shape, *matrix.right.shape) if isinstance(matrix, LowRank) else tuple(matrix.shape)
+
+
+def _dims(matrix: torch.Tensor | LowRank) -> tuple[int, int]:
+    """(d_out, d_in) of a dense or factored matrix."""
+    return (matrix.left.shape[0], matrix.right.shape[0]) if isinstance(matrix, LowRank) else tuple(matrix.shape)
 
 
 def truncate(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,27 +59,47 @@ def truncate(left: torch.Tensor, right: torch.Tensor, rank: int) -> tuple[torch.
     return (q_left @ u[:, :rank]) * s[:rank], q_right @ vh[:rank].T
 
 
-def masked_energy(update: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-    """‖ΔW ⊙ W_past‖_F² for one module."""
-    return (update * past).square().sum()
+def masked_energy(update: torch.Tensor | LowRank, past_squared: torch.Tensor) -> torch.Tensor:
+    """‖ΔW ⊙ W_past‖_F² = Σ_ij ΔW_ij²·(W_past²)_ij for each matrix of a stack (n, d_out, d_in).
+
+    A low-rank ΔW = L Rᵀ stays factored: ΔW_ij² = Σ_kk' (L_k∘L_k')_i (R_k∘R_k')_j, so the sum is
+    ⟨L∘L, W_past² (R∘R)⟩ with r² columns: two matrix products and no dense ΔW, several times faster than
+    element-wise work on d_out x d_in matrices.
+    """
+    if isinstance(update, LowRank):
+        left = (update.left.unsqueeze(-1) * update.left.unsqueeze(-2)).flatten(-2)
+        right = (update.right.unsqueeze(-1) * update.right.unsqueeze(-2)).flatten(-2)
+        return (left * (past_squared @ right)).sum((-2, -1))
+    return (update.square() * past_squared).sum((-2, -1))
 
 
-def _masked_energy_of_factors(update_left, update_right, *past) -> torch.Tensor:
-    past_matrix = past[0] if len(past) == 1 else past[0] @ past[1].T
-    return masked_energy(update_left @ update_right.T, past_matrix)
+def _stacked_matrix(*stack: torch.Tensor) -> torch.Tensor:
+    """A stack of dense matrices, from (matrices,) or from (lefts, rights)."""
+    return stack[0] if len(stack) == 1 else stack[0] @ stack[1].transpose(-2, -1)
+
+
+def _masked_energy_rebuilding_past(update: torch.Tensor | LowRank, *past: torch.Tensor) -> torch.Tensor:
+    return masked_energy(update, _stacked_matrix(*past).square())
+
+
+def chunks(names: list[str], elements_per_module: int, budget: int = 1 << 26) -> list[list[str]]:
+    """Modules in groups whose dense d_out x d_in matrices hold at most ``budget`` elements together (256 MB fp32)."""
+    size = max(1, budget // elements_per_module)
+    return [names[i:i + size] for i in range(0, len(names), size)]
 
 
 class PastUpdates:
     """W_past of every adapted module, keyed by module name, in one representation."""
 
-    def __init__(self, representation: str = "svd", rank: int = 64):
+    def __init__(self, representation: str = "svd", rank: int = 64, cache_squares: bool = True):
         if representation not in REPRESENTATIONS:
             raise EllaError(f"unknown W_past representation {representation!r}: choose one of "
                             f"{', '.join(REPRESENTATIONS)}")
         if rank < 1:
             raise EllaError(f"the W_past rank must be at least 1 (got {rank})")
-        self.representation, self.rank = representation, rank
+        self.representation, self.rank, self.cache_squares = representation, rank, cache_squares
         self.modules: dict[str, torch.Tensor | LowRank] = {}
+        self._cache: dict[tuple[str, ...], torch.Tensor] = {}  # W_past² stacks for the penalty
 
     def __bool__(self) -> bool:
         return bool(self.modules)
@@ -81,6 +110,7 @@ class PastUpdates:
     @torch.no_grad()
     def add(self, name: str, update: torch.Tensor | LowRank) -> None:
         """W_past^name ← W_past^name + update."""
+        self._cache.clear()
         if self.representation == "dense":
             past = self.modules.get(name)
             self.modules[name] = dense(update).float() + (past if past is not None else 0)
@@ -104,18 +134,45 @@ class PastUpdates:
         return dense(self.modules[name])
 
     def penalty(self, updates: dict[str, torch.Tensor | LowRank], reduction: str = "sum") -> torch.Tensor:
-        """Σ_m ‖ΔW^m ⊙ W_past^m‖_F² (or the mean over modules), one module's dense matrices at a time."""
-        terms = []
+        """Σ_m ‖ΔW^m ⊙ W_past^m‖_F² (or the mean over modules).
+
+        Modules of the same shapes are stacked and computed together (a few large operations instead of many
+        small ones). W_past² is constant within a task: with ``cache_squares`` it is kept dense on the device for
+        the task (fastest); without, it is rebuilt from the stored form in bounded chunks, here and again in the
+        backward pass (activation checkpointing), so no dense copy stays resident.
+        """
+        groups: dict[tuple, list[str]] = {}
         for name, past in self.modules.items():
             update = updates[name]
-            if isinstance(update, LowRank):  # build ΔW (and a factored W_past) here and again in the backward pass
-                past_tensors = (past.left, past.right) if isinstance(past, LowRank) else (past,)
-                terms.append(checkpoint(_masked_energy_of_factors, update.left, update.right, *past_tensors,
-                                        use_reentrant=False))
-            else:  # a dense update is already in memory (the layer's forward pass made it)
-                terms.append(masked_energy(update, dense(past)))
-        total = torch.stack(terms)
+            groups.setdefault((_shape(update), _shape(past)), []).append(name)
+        terms = []
+        for names in groups.values():
+            d_out, d_in = _dims(self.modules[names[0]])
+            for chunk in (chunks(names, d_out * d_in) if not self.cache_squares else [names]):
+                first = updates[chunk[0]]
+                update = (LowRank(torch.stack([updates[n].left for n in chunk]),
+                                  torch.stack([updates[n].right for n in chunk]))
+                          if isinstance(first, LowRank) else torch.stack([updates[n] for n in chunk]))
+                if self.cache_squares:
+                    terms.append(masked_energy(update, self._squares(chunk)))
+                else:
+                    terms.append(checkpoint(_masked_energy_rebuilding_past, update, *self._stack(chunk),
+                                            use_reentrant=False))
+        total = torch.cat(terms)
         return total.sum() if reduction == "sum" else total.mean()
+
+    def _stack(self, names: list[str]) -> tuple[torch.Tensor, ...]:
+        parts = [self.modules[name] for name in names]
+        if isinstance(parts[0], LowRank):
+            return torch.stack([p.left for p in parts]), torch.stack([p.right for p in parts])
+        return (torch.stack(parts),)
+
+    def _squares(self, names: list[str]) -> torch.Tensor:
+        """W_past² of ``names`` as one dense stack, cached until W_past changes."""
+        key = tuple(names)
+        if key not in self._cache:
+            self._cache[key] = _stacked_matrix(*self._stack(names)).square()
+        return self._cache[key]
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors().values())
@@ -145,8 +202,10 @@ class PastUpdates:
             raise EllaError(f"the saved W_past is {'factored' if True in kinds else 'dense'} but this run uses the "
                             f"{self.representation!r} representation; pass the matching --w-past")
         self.modules = modules
+        self._cache.clear()
 
     def to(self, device: torch.device) -> "PastUpdates":
+        self._cache.clear()
         self.modules = {name: LowRank(p.left.to(device), p.right.to(device)) if isinstance(p, LowRank)
                         else p.to(device) for name, p in self.modules.items()}
         return self
