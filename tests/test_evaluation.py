@@ -4,7 +4,7 @@ from accelerate import Accelerator
 
 from ella import EllaError
 from ella.data import IGNORE_INDEX, Example, TaskEncoder, collate
-from ella.evaluation import answer_token_nll, evaluate_task, normalize_answer
+from ella.evaluation import answer_token_nll, evaluate_task, normalize_answer, option_log_likelihoods
 from ella.models import tiny_model
 
 
@@ -82,16 +82,24 @@ def test_batched_evaluation_matches_one_example_at_a_time(tasks, seq2seq):
         assert 0 <= batched.accuracy <= 100
 
 
-def test_rank_picks_the_most_likely_label(tasks):
-    model, tokenizer = tiny_model()
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq):
+    """The prompt encoded once (cache / encoder output reused) gives the same log p(option) as scoring each
+    prompt + option sequence in full, and the prediction is the most likely option."""
+    model, tokenizer = tiny_model(seq2seq=seq2seq)
+    model.eval()
     task = tasks[1]
-    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=seq2seq)
+    prompts = collate(encoder.generation(task.test), tokenizer.pad_token_id, seq2seq)
+    options = [encoder.target_ids(label) for label in task.labels]
+    with torch.no_grad():
+        scores = option_log_likelihoods(model, prompts, options)
+        for row, example in enumerate(task.test):
+            full = encoder.training([Example(example.input, label) for label in task.labels])
+            nll, mask = answer_token_nll(model, collate(full, tokenizer.pad_token_id, seq2seq))
+            torch.testing.assert_close(scores[row], -(nll * mask).sum(1), rtol=1e-4, atol=1e-4)
     score = evaluate_task(model, tokenizer, task, encoder, "rank", 3, Accelerator(cpu=True))
-    for example, prediction in zip(task.test, score.predictions):
-        options = encoder.training([Example(example.input, label) for label in task.labels])
-        with torch.no_grad():
-            nll, mask = answer_token_nll(model.eval(), collate(options, tokenizer.pad_token_id, False))
-        assert prediction == task.labels[int((nll * mask).sum(1).argmin())]
+    assert score.predictions == [task.labels[i] for i in scores.argmax(1).tolist()]
     assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
 
 

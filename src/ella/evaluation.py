@@ -117,15 +117,50 @@ def _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress) ->
     if not task.labels:
         raise EllaError(f"rank classification needs a label set, and task {task.name} has none; "
                         "give the task \"labels\" or use --eval-mode generate")
-    options = task.labels
-    pairs = encoder.training([Example(e.input, label) for e in task.test for label in options])
-    scores = torch.empty(len(pairs))
-    for indices in tqdm(list(batches(pairs, batch_size)), desc=progress, leave=False,
+    options = [encoder.target_ids(label) for label in task.labels]
+    prompts = encoder.generation(task.test)
+    predictions = [""] * len(prompts)
+    for indices in tqdm(list(batches(prompts, batch_size)), desc=progress, leave=False,
                         disable=not accelerator.is_local_main_process):
         batch = {k: v.to(accelerator.device) for k, v in
-                 collate([pairs[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model)).items()}
+                 collate([prompts[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model)).items()}
         with accelerator.autocast():
-            nll, mask = answer_token_nll(model, batch)
-        scores[indices] = -(nll * mask).sum(1).float().cpu()
-    best = scores.view(len(task.test), len(options)).argmax(1)
-    return [options[i] for i in best.tolist()]
+            scores = option_log_likelihoods(model, batch, options)
+        for i, best in zip(indices, scores.argmax(1).tolist()):
+            predictions[i] = task.labels[best]
+    return predictions
+
+
+def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[list[int]]) -> torch.Tensor:
+    """log p(option | prompt) for every prompt of the batch and every option (token ids ending with EOS), (E, K).
+
+    The prompt is encoded once per batch, not once per option: a causal LM keeps its key/value cache and runs
+    each option as a short continuation (then drops it from the cache); an encoder-decoder reuses the encoder
+    output and runs the decoder on each option.
+    """
+    mask = batch["attention_mask"]
+    rows = mask.shape[0]
+    scores = torch.zeros(rows, len(options), device=mask.device)
+    if is_seq2seq(model):
+        encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask)
+        for k, option in enumerate(options):
+            labels = torch.tensor(option, device=mask.device).repeat(rows, 1)
+            logits = model(encoder_outputs=encoded, attention_mask=mask, labels=labels).logits
+            scores[:, k] = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).sum((1, 2))
+        return scores
+    lengths = mask.sum(1, keepdim=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
+    cache = out.past_key_values
+    for k, option in enumerate(options):
+        scores[:, k] = first[:, option[0]]
+        if len(option) > 1:
+            rest = torch.tensor(option, device=mask.device).repeat(rows, 1)
+            steps = len(option) - 1
+            logits = model(input_ids=rest[:, :-1], past_key_values=cache, use_cache=True,
+                           attention_mask=torch.cat([mask, mask.new_ones(rows, steps)], 1),
+                           position_ids=lengths + torch.arange(steps, device=mask.device)).logits
+            scores[:, k] += logits.float().log_softmax(-1).gather(-1, rest[:, 1:].unsqueeze(-1)).sum((1, 2))
+            cache.crop(-steps)  # back to the prompt alone for the next option
+    return scores
