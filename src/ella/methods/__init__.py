@@ -2,8 +2,13 @@
 importing it below is its registration."""
 
 from . import ella  # noqa: F401
+from . import ewc  # noqa: F401
 from . import inclora  # noqa: F401
+from . import inflora  # noqa: F401
 from . import jumplora  # noqa: F401
+from . import mtl  # noqa: F401
+from . import olora  # noqa: F401
+from . import replay  # noqa: F401
 from . import sculpting  # noqa: F401
 from . import seqft  # noqa: F401
 from . import seqlora  # noqa: F401

@@ -1,0 +1,167 @@
+"""InfLoRA: interference-free low-rank adaptation (Liang & Li, "InfLoRA: Interference-Free Low-Rank Adaptation for
+Continual Learning", CVPR 2024), with the earlier tasks' input subspace kept as in GPM (Saha et al., "Gradient
+Projection Memory for Continual Learning", ICLR 2021).
+
+Each task gets a fresh LoRA ΔW_t = s·B_t·A_t (IncLoRA) whose A_t is designed, not trained. Per adapted module, before
+training, the inputs x that the task's training examples send into the layer give the covariance C = Σ x xᵀ
+(d_in x d_in, over every token). With M (d_in x k, orthonormal columns) the earlier tasks' input subspace,
+
+    C' = (I − M Mᵀ) C (I − M Mᵀ),        A_t = the top-r eigenvectors of C', as rows (orthonormal, A_t M = 0)
+
+and only B_t trains (from zero). Where C' has fewer than r non-zero eigenvalues, A_t's remaining rows are other
+directions orthogonal to M. After the task, M takes in the task's own subspace: the fewest top eigenvectors
+u_1..u_k of C' such that the energy of C the enlarged M captures reaches the threshold τ,
+
+    (tr(Mᵀ C M) + Σ_{i≤k} λ_i(C')) / tr(C) ≥ τ,        M ← orthonormalised [M, u_1..u_k]
+
+keeping at most d_in − r columns (room for the next task's A); then the LoRA is merged into the model. (The paper
+keeps the same subspace with DualGPM, which stores M or its complement, whichever is smaller.)
+
+Why it is interference-free: the earlier tasks' inputs lie in span(M) up to 1 − τ of their energy, and
+ΔW_t x = s·B_t·(A_t x) = 0 for every x in span(M), so the new task leaves those outputs as they were. Training B_t
+alone equals fine-tuning W with every update confined to the rows of A_t (ΔW = ΔW A_tᵀ A_t): the new task's own
+principal input directions off span(M).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from ..data import Task
+from ..errors import EllaError
+from .base import TaskData, hyperparameter, register, require_data
+from .inclora import IncLoRA, task_adapter
+from .lora import LoraHyperparameters, lora_layers
+from .olora import check_state_fits
+
+
+@dataclass
+class InfLoRAHyperparameters(LoraHyperparameters):
+    stats_examples: int = hyperparameter(64, "training examples of each task whose inputs to the adapted layers "
+                                             "give the covariance C")
+    gpm_threshold: float = hyperparameter(0.95, "τ: after each task the input subspace M grows until it captures this "
+                                                "fraction of the energy tr(C) of the task's inputs")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.stats_examples < 1:
+            raise EllaError(f"stats_examples must be at least 1 (got {self.stats_examples})")
+        if not 0 < self.gpm_threshold < 1:
+            raise EllaError(f"gpm_threshold must be in (0, 1) (got {self.gpm_threshold}); GPM uses 0.95 to 0.99")
+
+
+@torch.no_grad()
+def input_covariances(model: torch.nn.Module, layers: dict[str, LoraLayer], batches) -> dict[str, torch.Tensor]:
+    """C = Σ x xᵀ (fp32) over every token's input x to each of ``layers``, running ``model`` in eval mode
+    (no dropout) over ``batches``."""
+    covariances = {name: torch.zeros(layer.in_features, layer.in_features, device=layer.get_base_layer().weight.device)
+                   for name, layer in layers.items()}
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            covariances[name] += x.T @ x
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return covariances
+
+
+def residual_eigen(covariance: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The d_in − k eigenvalues (descending) and eigenvectors (columns) of C' = (I − M Mᵀ) C (I − M Mᵀ) on the
+    complement of M (its other k eigenvalues are 0, along M). Computed as Qᵀ C Q in an orthonormal basis Q of that
+    complement, so that every eigenvector, also those of eigenvalue 0, is orthogonal to M."""
+    complement = torch.linalg.qr(basis, mode="complete").Q[:, basis.shape[1]:]
+    values, vectors = torch.linalg.eigh(complement.T @ covariance @ complement)
+    return values.flip(0).clamp(min=0), complement @ vectors.flip(1)
+
+
+def designed_lora_a(covariance: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """A (rank x d_in): the top-``rank`` eigenvectors of C' as rows."""
+    return residual_eigen(covariance, basis)[1][:, :rank].T
+
+
+def extend_basis(basis: torch.Tensor, covariance: torch.Tensor, threshold: float, max_columns: int) -> torch.Tensor:
+    """M with the fewest top eigenvectors of C' added so that it captures ``threshold`` of tr(C), at most
+    ``max_columns`` columns in all; re-orthonormalised."""
+    values, vectors = residual_eigen(covariance, basis)
+    captured = torch.trace(basis.T @ covariance @ basis)
+    # energy with the top j eigenvectors added, j = 0..n: how many j fall short of the threshold is the count needed
+    energies = captured + torch.cat([values.new_zeros(1), values.cumsum(0)])
+    needed = int((energies < threshold * torch.trace(covariance)).sum())
+    added = min(needed, max_columns - basis.shape[1])
+    return torch.linalg.qr(torch.cat([basis, vectors[:, :added]], dim=1)).Q
+
+
+@register
+class InfLoRA(IncLoRA):
+    name = "inflora"
+    summary = "IncLoRA with A fixed to the task's top input directions off the earlier tasks' (GPM) subspace; B trains"
+    config_class = InfLoRAHyperparameters
+
+    def __init__(self, config=None, **hyperparameters):
+        super().__init__(config, **hyperparameters)
+        self.bases: dict[str, torch.Tensor] = {}  # module name -> M, the earlier tasks' input subspace (d_in x k)
+        self.covariances: dict[str, torch.Tensor] = {}  # module name -> C of the current task
+
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
+                data: TaskData | None = None) -> torch.nn.Module:
+        data = require_data(data, self.name, "to measure the inputs of the adapted layers")
+        model = super().prepare(model, task_index, task, data)
+        adapter, rank = task_adapter(task_index), self.config.lora_r
+        layers = lora_layers(model, adapter)
+        check_state_fits(self.name, {name: basis.shape[0] for name, basis in self.bases.items()}, layers)
+        # with B = 0 the new LoRA leaves every output as it was: these are the model's inputs before the task
+        examples = data.batches(batch_size=1, limit=self.config.stats_examples)  # one at a time: no padding tokens
+        self.covariances = input_covariances(model, layers, examples)
+        for name, layer in layers.items():
+            covariance = self.covariances[name]
+            basis = self.basis(name, covariance)
+            if layer.in_features - basis.shape[1] < rank:
+                raise EllaError(f"module {name} has {layer.in_features} inputs, {basis.shape[1]} of them taken by the "
+                                f"earlier tasks' subspace: no room for A's lora_r = {rank} orthonormal rows; choose "
+                                f"lora_r <= {layer.in_features - basis.shape[1]}")
+            weight = layer.lora_A[adapter].weight
+            with torch.no_grad():
+                weight.copy_(designed_lora_a(covariance, basis, rank))
+            weight.requires_grad_(False)
+            self.covariances[name] = covariance.cpu()  # off the accelerator while the task trains
+        return model
+
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
+        device = next(model.parameters()).device
+        for name, covariance in self.covariances.items():
+            covariance = covariance.to(device)
+            self.bases[name] = extend_basis(self.basis(name, covariance), covariance, self.config.gpm_threshold,
+                                            covariance.shape[0] - self.config.lora_r)
+        self.covariances = {}
+        return super().finish(model, task_index, task, data)
+
+    def basis(self, name: str, covariance: torch.Tensor) -> torch.Tensor:
+        """M of module ``name`` next to its covariance (an empty d_in x 0 matrix before the first task)."""
+        basis = self.bases.get(name)
+        return covariance.new_zeros(covariance.shape[0], 0) if basis is None else basis.to(covariance)
+
+    def report(self) -> dict:
+        """How much of each module's input space the earlier tasks' subspaces take (mean of k / d_in)."""
+        fractions = [basis.shape[1] / basis.shape[0] for basis in self.bases.values()]
+        return {"input_subspace_fraction": sum(fractions) / len(fractions)} if fractions else {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: basis.contiguous() for name, basis in self.bases.items()}  # QR's Q is column-major
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bases = dict(state)
