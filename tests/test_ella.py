@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ella import EllaError, EvaluationConfig, TrainingConfig, get_method, run_sequence
+from ella.methods.ella import interference_figures
 from ella.methods.lora import lora_layers
 from ella.methods.w_past import LowRank, PastUpdates
 from ella.models import tiny_model
@@ -122,3 +123,30 @@ def test_one_lambda_per_task(tasks):
     method.setup(model, tasks)
     method.prepare(model, 1, tasks[1])
     assert method.lam_now == 5.0
+
+
+def test_interference_bound_and_energy_by_hand():
+    past = torch.tensor([[1.0, 0.0], [0.5, -1.0]])
+    update = torch.tensor([[2.0, 4.0], [6.0, 12.0]])
+    interference, bound, _, total = interference_figures(update, past, lam=1.0)
+    assert interference == pytest.approx(2 * 1 + 6 * 0.5 - 12)  # ⟨ΔW, W_past⟩ = -7
+    # E = |W_past| (+ε): G = ΔW ⊙ (1 + E²) = [[4, 4], [7.5, 24]]; ‖E⁻¹ ⊙ W_past‖ = √3 (the zero entry gives 0)
+    assert bound == pytest.approx((16 + 16 + 56.25 + 576) ** 0.5 / 2 * 3 ** 0.5, rel=1e-6)
+    assert abs(interference) <= bound and total == pytest.approx(4 + 16 + 36 + 144)
+    # 20 coordinates: |W_past| = 1..20; the top 10 % are 19 and 20, where the update puts 3² + 4² of 3² + 4² + 12²
+    past = torch.arange(1.0, 21.0).reshape(4, 5)
+    update = torch.zeros(4, 5)
+    update[3, 3], update[3, 4], update[0, 0] = 3.0, 4.0, 12.0
+    _, _, high, total = interference_figures(update, past, lam=1.0)
+    assert high / total == pytest.approx(25 / 169)
+
+
+def test_diagnostics_are_logged_from_the_second_task(tasks):
+    model, tokenizer = tiny_model()
+    _, result = run_sequence(model, tokenizer, tasks, get_method("ella", lam=10.0),
+                             TrainingConfig(learning_rate=1e-2, batch_size=4, **FP32),
+                             EvaluationConfig(mode="rank", zero_shot=False))
+    assert "diagnostics" not in result.task_logs[0]
+    figures = result.task_logs[1]["diagnostics"]
+    assert figures["lambda"] == 10.0 and abs(figures["interference"]) <= figures["bound"]
+    assert 0 <= figures["update_energy_in_high_energy_coordinates"] <= 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import resource
 import time
@@ -21,12 +20,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from . import metrics
+from . import checkpoint, metrics
 from .data import Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task
@@ -84,7 +83,14 @@ class SequenceResult:
     matrix: list[list[float]] = field(default_factory=list)  # matrix[i][j]: accuracy on task j after task i
     task_logs: list[dict] = field(default_factory=list)  # one training log per task
     eval_seconds: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the whole sequence so far, across resumptions
     final_predictions: list[list[str]] = field(default_factory=list)  # per task, after the last task
+
+    @classmethod
+    def from_record(cls, record: dict) -> "SequenceResult":
+        """The result stored in a results.json (without the predictions)."""
+        return cls(record["tasks"], record["evaluation"]["mode"], record["zero_shot"], record["accuracy_matrix"],
+                   record["task_logs"], record["eval_seconds"], record["total_seconds"])
 
     @property
     def complete(self) -> bool:
@@ -103,6 +109,7 @@ class SequenceResult:
             "fwt_reference": "zero-shot accuracy of the base model before any training",
             "task_logs": self.task_logs,
             "eval_seconds": self.eval_seconds,
+            "total_seconds": self.seconds,
         }
 
 
@@ -206,15 +213,17 @@ def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEn
 def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None, resume: bool = False):
     """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
 
-    With ``output_dir``, results.json (and the method's state, in safetensors) are written after every task,
-    so a crash loses at most the task in progress. ``run_info`` is stored in results.json as given.
+    With ``output_dir``, results.json, the method's state and a checkpoint are written after every task (see
+    ``ella.checkpoint``), so a crash loses at most the task in progress; ``resume=True`` continues such a run from
+    its last finished task (with the same settings). ``run_info`` is stored in results.json as given.
     """
     training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
     if not tasks:
         raise EllaError("the task sequence is empty")
+    output_dir = Path(output_dir) if output_dir is not None else None
     started = time.perf_counter()
     set_seed(training.seed)
     accelerator = accelerator or make_accelerator(training)
@@ -223,14 +232,25 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     seq2seq = is_seq2seq(model)
     encoders = [TaskEncoder(tokenizer, task, training.max_length, seq2seq) for task in tasks]
     sequence = [encoder.training(task.train) for task, encoder in zip(tasks, encoders)]
-    result = SequenceResult([task.name for task in tasks], evaluation.mode)
-    header = {"run": run_info or {}, "method": method.describe(), "training_config": asdict(training),
+    header = {"run": run_info or {}, "tasks": [task.name for task in tasks], "method": method.describe(),
+              "training_config": asdict(training), "evaluation_config": asdict(evaluation),
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-              "evaluation_config": asdict(evaluation), "task_details": [task.describe() for task in tasks]}
-    if evaluation.zero_shot:
-        scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
-        result.zero_shot = [score.accuracy for score in scores]
-    for t, task in enumerate(tasks):
+              "task_details": [task.describe() for task in tasks]}
+    record = checkpoint.read_run(output_dir, header) if resume and output_dir is not None else None
+    if record is not None and record["tasks_done"] > 0:
+        result = SequenceResult.from_record(record)
+        if not result.complete:
+            model = checkpoint.load_checkpoint(output_dir, model)
+            if (output_dir / checkpoint.METHOD_STATE).is_file():
+                method.load_state_dict(load_file(output_dir / checkpoint.METHOD_STATE))
+            tqdm.write(f"resuming {output_dir} after task {len(result.matrix)} of {len(tasks)}")
+    else:
+        result = SequenceResult([task.name for task in tasks], evaluation.mode)
+        if evaluation.zero_shot:
+            scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
+            result.zero_shot = [score.accuracy for score in scores]
+    for t in range(len(result.matrix), len(tasks)):
+        task = tasks[t]
         items = method.training_items(t, sequence)
         model, log = train_task(model, method, t, task, items, tokenizer, accelerator, training, len(tasks))
         result.task_logs.append(log)
@@ -240,36 +260,35 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         result.eval_seconds.append(time.perf_counter() - eval_start)
         result.matrix.append([score.accuracy for score in scores])
         result.final_predictions = [score.predictions for score in scores]
+        result.seconds += time.perf_counter() - started
+        started = time.perf_counter()
         if output_dir is not None and accelerator.is_main_process:
-            save_progress(Path(output_dir), result, method, header, time.perf_counter() - started, tasks)
+            save_progress(output_dir, result, method, header, model, tasks)
     return model, result
 
 
 def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMethod, header: dict,
-                  elapsed: float, tasks: list[Task]) -> None:
-    """results.json, the method's state and (once complete) the last row's predictions, written atomically."""
+                  model: torch.nn.Module, tasks: list[Task]) -> None:
+    """results.json, the method's state, and the checkpoint (or, once complete, the last row's predictions)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    record = {**header, **result.to_dict(), "status": "complete" if result.complete else "running",
-              "tasks_done": len(result.matrix), "total_seconds": elapsed, "peak_memory": peak_memory(),
-              "versions": versions()}
-    _atomic_write(output_dir / "results.json", lambda path: path.write_text(json.dumps(record, indent=2)))
     state = method.state_dict()
     if state:
-        metadata = {"method": method.name, "tasks_done": str(len(result.matrix))}
-        _atomic_write(output_dir / "method_state.safetensors",
-                      lambda path: save_file({k: v.detach().cpu() for k, v in state.items()}, path, metadata))
+        checkpoint.write_method_state(output_dir / checkpoint.METHOD_STATE, state,
+                                      {"method": method.name, "tasks_done": str(len(result.matrix))})
     if result.complete:
         lines = [json.dumps({"task": task.name, "input": example.input, "target": example.output,
                              "prediction": prediction})
                  for task, predictions in zip(tasks, result.final_predictions)
                  for example, prediction in zip(task.test, predictions)]
-        _atomic_write(output_dir / "predictions.jsonl", lambda path: path.write_text("\n".join(lines) + "\n"))
-
-
-def _atomic_write(path: Path, write) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
+        checkpoint.atomic_write(output_dir / checkpoint.PREDICTIONS,
+                                lambda path: path.write_text("\n".join(lines) + "\n"))
+    else:
+        checkpoint.save_checkpoint(output_dir, model)
+    record = {**header, **result.to_dict(), "status": "complete" if result.complete else "running",
+              "tasks_done": len(result.matrix), "peak_memory": peak_memory(), "versions": versions()}
+    checkpoint.write_json(output_dir / checkpoint.RESULTS, record)  # last: it marks the task as done
+    if result.complete:
+        checkpoint.finish_run(output_dir)
 
 
 def peak_memory() -> dict:

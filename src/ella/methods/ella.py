@@ -24,7 +24,7 @@ from ..errors import EllaError
 from .base import TaskData, hyperparameter, parse_bool, register
 from .inclora import IncLoRA, task_adapter
 from .lora import LoraHyperparameters, lora_layers
-from .w_past import REPRESENTATIONS, LowRank, PastUpdates
+from .w_past import REPRESENTATIONS, LowRank, PastUpdates, dense
 
 REDUCTIONS = ("sum", "mean")
 
@@ -64,6 +64,22 @@ class ELLAHyperparameters(LoraHyperparameters):
             raise EllaError(f"w_past_rank must be at least 1 (got {self.w_past_rank})")
 
 
+def interference_figures(update: torch.Tensor, past: torch.Tensor, lam: float,
+                         epsilon: float = 1e-8) -> tuple[float, float, float, float]:
+    """How an update ΔW relates to W_past (one module):
+
+    - the interference ⟨ΔW, W_past⟩_F and the paper's bound on its size, ‖G‖_F / (2√λ) · ‖E⁻¹ ⊙ W_past‖_F, with
+      E = |W_past| + ε and G = ΔW ⊙ (1 + λE²), the unpenalised step that the shrinkage maps to ΔW;
+    - the energy ‖ΔW‖² on W_past's high-energy coordinates (its top 10 % by |W_past|), and in all.
+    """
+    energy = past.abs() + epsilon
+    interference = (update * past).sum()
+    bound = (update * (1 + lam * energy.square())).norm() / (2 * lam ** 0.5) * (past / energy).norm()
+    cutoff = energy.flatten().kthvalue(max(1, int(0.9 * energy.numel()))).values
+    high = update[energy > cutoff].square().sum()
+    return interference.item(), bound.item(), high.item(), update.square().sum().item()
+
+
 @register
 class ELLA(IncLoRA):
     name = "ella"
@@ -76,6 +92,7 @@ class ELLA(IncLoRA):
         self.w_past = PastUpdates(self.config.w_past, self.config.w_past_rank, self.config.w_past_cache)
         self.lam_now = 0.0
         self.adapter = ""
+        self.diagnostics: dict = {}
 
     def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
         super().setup(model, tasks)
@@ -110,10 +127,25 @@ class ELLA(IncLoRA):
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
+        self.diagnostics = self.mechanism(model) if self.w_past and self.lam_now > 0 else {}
         lams = self.config.lam if isinstance(self.config.lam, list) else [self.config.lam]
         if max(lams) > 0:  # W_past serves only the penalty: with λ = 0 throughout, keep nothing
             self.accumulate(model)
         return super().finish(model, task_index, task, data)
+
+    @torch.no_grad()
+    def mechanism(self, model: torch.nn.Module) -> dict:
+        """``interference_figures`` of the task's update against W_past, summed over the modules."""
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for name, update in self.task_updates(model, merged=True).items():
+            figures = interference_figures(dense(update).float(), self.w_past.matrix(name), self.lam_now)
+            sums = [a + b for a, b in zip(sums, figures)]
+        interference, bound, high, total = sums
+        return {"lambda": self.lam_now, "interference": interference, "bound": bound,
+                "update_energy_in_high_energy_coordinates": high / total if total else 0.0}
+
+    def report(self) -> dict:
+        return {"diagnostics": self.diagnostics} if self.diagnostics else {}
 
     @torch.no_grad()
     def accumulate(self, model: torch.nn.Module) -> None:

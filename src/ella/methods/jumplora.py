@@ -216,7 +216,7 @@ class JumpLoRA(ELLA):
         return super().finish(model, task_index, task, data)
 
     def report(self) -> dict:
-        return {"sparsity": self.sparsity}
+        return {**super().report(), "sparsity": self.sparsity}
 
 
 @register
