@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import shutil
 import sys
 import time
@@ -12,14 +13,18 @@ import typing
 import warnings
 from pathlib import Path
 
+from .bench import run_suite
+from .checkpoint import run_status
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, run_sequence
 from .errors import EllaError
 from .evaluation import EVAL_MODES
 from .methods import METHODS, get_method
 from .models import BUILTIN_MODELS, DTYPES, load_model, save_model
+from .report import format_matrix, format_metrics, plot_matrix, write_report
 
-RUN_FILES = ("results.json", "method_state.safetensors", "predictions.jsonl", "accuracy_matrix.png", "model")
+RUN_FILES = ("results.json", "method_state.safetensors", "predictions.jsonl", "accuracy_matrix.png", "model",
+             "checkpoint")
 
 
 def _names(text: str) -> list[str]:
@@ -134,11 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--output-dir", type=Path, default=None,
                         help="where results go (default: runs/<method>-<timestamp>)")
     output.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
+    output.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --output-dir after its last finished task (same "
+                             "options); a finished run is shown, not repeated")
+    output.add_argument("--label", default=None, help="the run's name in reports (default: the method)")
     output.add_argument("--save-model", action="store_true",
                         help="also save the final model (adapters merged) to OUTPUT_DIR/model")
 
     methods = commands.add_parser("methods", help="list the continual-learning methods and their hyper-parameters")
     methods.set_defaults(handler=command_methods)
+
+    bench = commands.add_parser(
+        "bench", help="run methods x orders x seeds from a suite file, then write the table and the report",
+        description="Run every run of a suite file (TOML: methods, orders, seeds, sweeps, shared `ella run` "
+                    "options; format in the README) one after another. Finished runs are skipped and interrupted "
+                    "ones resumed, so the same command continues a suite after a crash.")
+    bench.add_argument("suite", type=Path, help="the suite file, e.g. benchmarks/standard_smollm2.toml")
+    bench.set_defaults(handler=command_bench)
+
+    report = commands.add_parser(
+        "report", help="a Markdown and a self-contained HTML report over finished runs",
+        description="Collect every finished run (results.json) under the given directories into report.md "
+                    "(figures beside it) and report.html (figures embedded): OA/BWT/FWT per method and order, "
+                    "costs, heat-maps, each task's accuracy across the sequence, ELLA's diagnostics.")
+    report.add_argument("runs", nargs="+", type=Path, help="run directories or directories holding runs")
+    report.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the first RUNS)")
+    report.set_defaults(handler=command_report)
     return parser
 
 
@@ -149,6 +175,16 @@ def command_methods(args: argparse.Namespace) -> int:
         print(f"{name:{width}s}{cls.summary}")
         flags = [f"--{o.replace('_', '-')} {owners[name]}" for o, (_, _, owners) in options.items() if name in owners]
         print(" " * width + f"lr {cls.default_learning_rate:g}" + ("; " + "  ".join(flags) if flags else ""))
+    return 0
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    print(f"report: {run_suite(args.suite)}")
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    print(f"report: {write_report(args.runs, args.output_dir or args.runs[0])}")
     return 0
 
 
@@ -166,20 +202,27 @@ def command_run(args: argparse.Namespace) -> int:
                               seed=args.seed, mixed_precision=args.mixed_precision)
     evaluation = EvaluationConfig(mode=args.eval_mode, batch_size=args.eval_batch_size,
                                   max_new_tokens=args.max_new_tokens, zero_shot=not args.no_zero_shot)
-    tasks, source = _load_tasks(args)
+    tasks, source, order = _load_tasks(args)
+    if args.resume and (args.overwrite or args.output_dir is None):
+        raise EllaError("--resume continues the run in --output-dir: name that directory, and drop --overwrite")
     output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _claim_output_dir(output_dir, args.overwrite)
+    if not args.resume:
+        _claim_output_dir(output_dir, args.overwrite)
+    elif args.save_model and run_status(output_dir) == "complete":
+        raise EllaError(f"the run in {output_dir} finished earlier and its final model was not kept; "
+                        "run it again with --overwrite --save-model")
 
     load_start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype)
     print(f"ella: {args.method} on {args.model}, {source}: {len(tasks)} tasks "
           f"({', '.join(t.name for t in tasks)}); model loaded in {time.perf_counter() - load_start:.1f} s",
           file=sys.stderr)
-    run_info = {"command": sys.argv, "model": args.model, "dtype": args.dtype, "tasks_from": source,
-                "train_per_task": args.train_per_task, "test_per_task": args.test_per_task}
-    model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info)
-
-    from .report import format_matrix, format_metrics, plot_matrix
+    run_info = {"command": "ella " + shlex.join(args.argv), "label": args.label or args.method, "model": args.model,
+                "dtype": args.dtype, "tasks_from": source, "benchmark": None if args.sequence else args.benchmark,
+                "order": order, "seed": args.seed, "train_per_task": args.train_per_task,
+                "test_per_task": args.test_per_task}
+    model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
+                                 resume=args.resume)
 
     plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
     if args.save_model:
@@ -197,12 +240,14 @@ def _load_tasks(args: argparse.Namespace):
     if args.sequence is not None:
         if args.tasks or args.order:
             raise EllaError("--sequence brings its own tasks: drop --tasks / --order")
-        return load_task_sequence(args.sequence, **sample), str(args.sequence)
+        return load_task_sequence(args.sequence, **sample), str(args.sequence), None
     if args.tasks and args.order:
         raise EllaError("give either --order or --tasks, not both")
     order = args.order or BENCHMARK_ORDERS[args.benchmark][0]
     tasks = load_cl_benchmark(args.benchmark, order, args.tasks, args.data_dir, **sample)
-    return tasks, f"CL benchmark tasks {','.join(args.tasks)}" if args.tasks else f"{args.benchmark} order {order}"
+    if args.tasks:
+        return tasks, f"CL benchmark tasks {','.join(args.tasks)}", None
+    return tasks, f"{args.benchmark} order {order}", str(order)
 
 
 def _claim_output_dir(path: Path, overwrite: bool) -> None:
@@ -211,8 +256,8 @@ def _claim_output_dir(path: Path, overwrite: bool) -> None:
         raise EllaError(f"--output-dir {path} is a file, not a directory")
     if (path / "results.json").exists():
         if not overwrite:
-            raise EllaError(f"{path} already holds a run (results.json); pass --overwrite to replace it, "
-                            "or choose another --output-dir")
+            raise EllaError(f"{path} already holds a run (results.json); pass --resume to continue it, "
+                            "--overwrite to replace it, or choose another --output-dir")
         for name in RUN_FILES:
             target = path / name
             if target.is_dir():
@@ -223,7 +268,9 @@ def _claim_output_dir(path: Path, overwrite: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2

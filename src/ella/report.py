@@ -1,10 +1,19 @@
-"""The accuracy matrix as a text table and as a heat-map."""
+"""Reading results: the accuracy matrix as a table and a heat-map, and ``ella report``, a Markdown and a
+self-contained HTML page over many runs (the papers' table, costs, heat-maps, per-task curves, ELLA's diagnostics).
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import io
+import json
 from pathlib import Path
+from statistics import mean, stdev
 
+from .checkpoint import METHOD_STATE, RESULTS
 from .engine import SequenceResult
+from .errors import EllaError
 
 
 def format_matrix(result: SequenceResult) -> str:
@@ -33,29 +42,240 @@ def format_metrics(result: SequenceResult) -> str:
     return "  ".join([show("OA"), show("BWT", signed=True), fwt, show("forgetting")])
 
 
-def plot_matrix(result: SequenceResult, path: str | Path, title: str = "") -> Path:
-    """Heat-map of the accuracy matrix (the zero-shot row on top when present), saved as PNG."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_matrix(ax, result: SequenceResult, title: str) -> None:
+    """The accuracy matrix (zero-shot row on top when present) as a heat-map on ``ax``."""
     rows = ([result.zero_shot] if result.zero_shot is not None else []) + result.matrix
     labels = (["zero-shot"] if result.zero_shot is not None else []) + \
         [f"after {i + 1}: {name}" for i, name in enumerate(result.tasks[:len(result.matrix)])]
-    n = len(result.tasks)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 0.9 + 0.5 * len(rows)))
     image = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(n), result.tasks, rotation=30, ha="right")
+    ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels)
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black")
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black",
+                    fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return image
+
+
+def plot_matrix(result: SequenceResult, path: str | Path, title: str = "") -> Path:
+    """Heat-map of one run's accuracy matrix, saved as PNG."""
+    plt = _pyplot()
+    n = len(result.tasks)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.4 + 0.5 * (len(result.matrix) + 1)))
+    image = draw_matrix(ax, result, title or f"accuracy (%), {result.eval_mode}")
     ax.set_xlabel("evaluated task")
-    ax.set_title(title or f"accuracy (%), {result.eval_mode}")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ella report
+
+
+def collect_runs(paths: list[str | Path]) -> list[dict]:
+    """Every complete run (results.json) under ``paths``, with its directory and label."""
+    runs = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise EllaError(f"no such run directory: {root}")
+        for path in sorted([root / RESULTS] if (root / RESULTS).is_file() else root.rglob(RESULTS)):
+            record = json.loads(path.read_text())
+            if record.get("status") != "complete":
+                print(f"ella report: skipping the unfinished run in {path.parent}")
+                continue
+            record["directory"] = path.parent
+            record["label"] = record["run"].get("label") or record["method"]["name"]
+            runs.append(record)
+    if not runs:
+        raise EllaError(f"no finished run (results.json with status complete) under {', '.join(map(str, paths))}")
+    return runs
+
+
+def _by(runs: list[dict], key) -> dict:
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
+def _cell(values: list[float], signed: bool = False, spread: bool = True) -> str:
+    """The mean (± the standard deviation when there are several values and ``spread``)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    text = f"{mean(values):+.1f}" if signed else f"{mean(values):.1f}"
+    return text + (f" ± {stdev(values):.1f}" if spread and len(values) > 1 else "")
+
+
+def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The papers' table: per method and order OA, BWT, FWT (mean over seeds), and their average over orders."""
+    orders = sorted({str(run["run"].get("order")) for run in runs})
+    header = ["method"] + [f"{metric} ({'order ' + o if o != 'None' else 'own tasks'})"
+                           for o in orders for metric in ("OA", "BWT", "FWT")] + ["OA avg", "BWT avg", "FWT avg"]
+    rows = []
+    for label, group in _by(runs, lambda r: r["label"]).items():
+        by_order = _by(group, lambda r: str(r["run"].get("order")))
+        row = [label]
+        for order in orders:
+            members = by_order.get(order, [])
+            row += [_cell([r["metrics"][m] for r in members], signed=m != "OA") for m in ("OA", "BWT", "FWT")]
+        row += [_cell([mean(r["metrics"][m] for r in members if r["metrics"][m] is not None)
+                       for members in by_order.values()
+                       if any(r["metrics"][m] is not None for r in members)], signed=m != "OA", spread=False)
+                for m in ("OA", "BWT", "FWT")]
+        rows.append(row)
+    return header, rows
+
+
+def cost_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per method, averaged over its runs: training and evaluation time, peak memory, CL state kept."""
+    header = ["method", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
+    rows = []
+    for label, group in _by(runs, lambda r: r["label"]).items():
+        state = [(r["directory"] / METHOD_STATE).stat().st_size if (r["directory"] / METHOD_STATE).exists() else 0
+                 for r in group]
+        rows.append([label, f"{mean(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
+                     f"{mean(sum(r['eval_seconds']) for r in group):.0f}",
+                     f"{mean(r['total_seconds'] for r in group):.0f}",
+                     f"{mean(r['peak_memory']['bytes'] for r in group) / 2 ** 20:,.0f}",
+                     f"{mean(state) / 2 ** 20:.2f}"])
+    return header, rows
+
+
+def diagnostics_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    """ELLA's mechanism per task, for the runs that logged it (see ELLA.report)."""
+    header = ["run", "task", "λ", "⟨ΔW_t, W_past⟩", "bound", "update energy in top-10% |W_past| coords"]
+    rows = []
+    for run in runs:
+        for log in run["task_logs"]:
+            d = log.get("diagnostics")
+            if d:
+                rows.append([f"{run['label']} order {run['run'].get('order')}", log["task"], f"{d['lambda']:g}",
+                             f"{d['interference']:.3g}", f"{d['bound']:.3g}",
+                             f"{100 * d['update_energy_in_high_energy_coordinates']:.1f}%"])
+    return (header, rows) if rows else None
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def figures(runs: list[dict]) -> dict[str, bytes]:
+    """PNG figures: OA and BWT per method; heat-maps per method and order; each task's accuracy across the
+    sequence."""
+    plt = _pyplot()
+    out = {}
+
+    def save(name: str, fig) -> None:
+        buffer = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        out[name] = buffer.getvalue()
+
+    labels = list(_by(runs, lambda r: r["label"]))
+    groups = _by(runs, lambda r: r["label"])
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels)), 3.6))
+    xs = range(len(labels))
+    oa = [mean(r["metrics"]["OA"] for r in groups[label]) for label in labels]
+    bwt = [mean(r["metrics"]["BWT"] or 0 for r in groups[label]) for label in labels]
+    ax.bar([x - 0.2 for x in xs], oa, width=0.4, label="OA")
+    ax.bar([x + 0.2 for x in xs], bwt, width=0.4, label="BWT")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(list(xs), labels, rotation=30, ha="right")
+    ax.set_ylabel("accuracy points")
+    ax.set_title("OA and BWT (mean over orders and seeds)")
+    ax.legend()
+    save("oa_bwt.png", fig)
+
+    orders = sorted({str(r["run"].get("order")) for r in runs})
+    first_seed = {(r["label"], str(r["run"].get("order"))): r for r in reversed(runs)}  # one run per cell
+    n_tasks = max(len(r["tasks"]) for r in runs)
+    fig, axes = plt.subplots(len(labels), len(orders), squeeze=False,
+                             figsize=(3.0 + 0.75 * n_tasks * len(orders), 1.2 + (0.35 * n_tasks + 0.8) * len(labels)))
+    for i, label in enumerate(labels):
+        for j, order in enumerate(orders):
+            run = first_seed.get((label, order))
+            axes[i][j].set_axis_off() if run is None else draw_matrix(
+                axes[i][j], SequenceResult.from_record(run), f"{label}, order {order}")
+    save("heatmaps.png", fig)
+
+    for order in orders:
+        members = [first_seed[(label, order)] for label in labels if (label, order) in first_seed]
+        fig, axes = plt.subplots(1, len(members), squeeze=False, sharey=True, figsize=(3.2 * len(members), 3.2))
+        for ax, run in zip(axes[0], members):
+            steps = range(1, len(run["accuracy_matrix"]) + 1)
+            for j, task in enumerate(run["tasks"]):
+                ax.plot(steps, [row[j] for row in run["accuracy_matrix"]], marker="o", markersize=3, label=task)
+            ax.set_title(run["label"], fontsize=10)
+            ax.set_xlabel("after task")
+            ax.set_xticks(list(steps))
+        axes[0][0].set_ylabel("accuracy (%)")
+        axes[0][-1].legend(fontsize=7, loc="best")
+        save(f"tasks_across_sequence_order{order}.png", fig)
+    return out
+
+
+def describe(runs: list[dict]) -> str:
+    """What was run, from the runs' own records."""
+    first = runs[0]
+    info, training, evaluation = first["run"], first["training_config"], first["evaluation"]
+    return (f"Model **{info.get('model')}**, {info.get('tasks_from', '').split(' order')[0]} tasks; "
+            f"{info.get('train_per_task') or 'all'} training and {info.get('test_per_task') or 'all'} test examples "
+            f"per task, {training['epochs']} epoch(s), batch {training['batch_size']}, max length "
+            f"{training['max_length']}; evaluation: {evaluation['description']}; mixed precision "
+            f"{first['mixed_precision']} on {first['device']}. FWT is measured against the zero-shot accuracy. "
+            f"{len(runs)} runs.")
+
+
+def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
+    """report.md (with its PNG figures beside it) and report.html (figures embedded) in ``output_dir``."""
+    runs = collect_runs(paths)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tables = [("Results (the papers' form; ± is the spread over seeds)", results_table(runs)),
+              ("Cost per run", cost_table(runs))]
+    diagnostics = diagnostics_table(runs)
+    if diagnostics:
+        tables.append(("ELLA's mechanism per task", diagnostics))
+    images = figures(runs)
+    for name, data in images.items():
+        (output_dir / name).write_bytes(data)
+    markdown = ["# ella report", "", describe(runs), ""]
+    page = ["<!doctype html><meta charset='utf-8'><title>ella report</title><style>body{font-family:sans-serif;"
+            "max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+            "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+            "</style><h1>ella report</h1>", f"<p>{html.escape(describe(runs)).replace('**', '')}</p>"]
+    for title, (header, rows) in tables:
+        markdown += [f"## {title}", "", _markdown(header, rows), ""]
+        page += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
+    markdown += ["## Figures", ""]
+    page.append("<h2>Figures</h2>")
+    for name, data in images.items():
+        markdown += [f"![{name}]({name})", ""]
+        page.append(f"<p><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></p>")
+    (output_dir / "report.md").write_text("\n".join(markdown))
+    (output_dir / "report.html").write_text("\n".join(page))
+    print(_markdown(*tables[0][1]))
+    return output_dir / "report.md"

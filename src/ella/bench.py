@@ -1,0 +1,142 @@
+"""``ella bench SUITE.toml``: methods x orders x seeds from one config file, as ``ella run`` runs.
+
+A suite file (TOML)::
+
+    output_dir = "runs/standard-smollm2"      # one directory per run: <label>/order<o>-seed<s>
+    model = "smollm2-135m"
+    benchmark = "standard"
+    orders = [1, 2, 3]
+    seeds = [42]
+    methods = ["seqlora", "inclora", "olora", "ella", "jumplora-ella", "sculpting"]
+
+    [run]                                      # any `ella run` option, for every run
+    train_per_task = 128
+    test_per_task = 64
+    eval_mode = "rank"
+
+    [method.ella]                              # a method's hyper-parameters
+    lam = 1e5
+
+    [[sweep]]                                  # extra runs: every combination of the listed values
+    method = "ella"
+    lam = [1e3, 1e4, 1e5, 1e6]
+    orders = [1]                               # (optional) only these orders
+
+A run that is complete is skipped and an interrupted one resumed, so re-running the suite after a crash picks up
+where it stopped. At the end the suite's table is printed and the report written (see ``ella.report``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import run_status
+from .errors import EllaError
+from .methods import METHODS, get_method
+
+SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep",
+              "data_dir", "dtype"}
+
+
+@dataclass
+class SuiteRun:
+    label: str
+    method: str
+    hyperparameters: dict
+    order: int
+    seed: int
+    output_dir: Path
+    options: dict = field(default_factory=dict)
+
+    def argv(self, suite: dict) -> list[str]:
+        """The ``ella run`` command line of this run."""
+        options = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
+                   "order": self.order, "seed": self.seed, "method": self.method, "label": self.label,
+                   "output-dir": self.output_dir, **{k: v for k, v in (("data-dir", suite.get("data_dir")),
+                                                                       ("dtype", suite.get("dtype"))) if v},
+                   **self.options, **self.hyperparameters}
+        argv = ["run"]
+        for key, value in options.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                argv.append(flag)
+            elif value is not False:
+                argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        return argv
+
+
+def _label(method: str, values: dict) -> str:
+    return method + "".join(f"-{key}{value}" for key, value in values.items())
+
+
+def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
+    """The suite's settings and its runs, checked (methods, hyper-parameters) before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise EllaError(f"suite file not found: {path}")
+    try:
+        suite = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise EllaError(f"{path}: malformed TOML ({e})") from None
+    unknown = set(suite) - SUITE_KEYS
+    if unknown:
+        raise EllaError(f"{path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(SUITE_KEYS))}")
+    if "output_dir" not in suite:
+        raise EllaError(f"{path}: set output_dir, the directory that receives the runs")
+    root = (path.parent / suite["output_dir"]).resolve() if not Path(suite["output_dir"]).is_absolute() \
+        else Path(suite["output_dir"])
+    orders, seeds = suite.get("orders", [1]), suite.get("seeds", [42])
+    options = suite.get("run", {})
+    variants: list[tuple[str, str, dict, list]] = []
+    for method in suite.get("methods", []):
+        variants.append((method, method, dict(suite.get("method", {}).get(method, {})), orders))
+    for sweep in suite.get("sweep", []):
+        sweep = dict(sweep)
+        method = sweep.pop("method", None)
+        sweep_orders = sweep.pop("orders", orders)
+        if method is None:
+            raise EllaError(f"{path}: every [[sweep]] needs a method")
+        fixed = {k: v for k, v in sweep.items() if not isinstance(v, list)}
+        swept = {k: v for k, v in sweep.items() if isinstance(v, list)}
+        base = {**suite.get("method", {}).get(method, {}), **fixed}
+        for combination in itertools.product(*swept.values()):
+            values = dict(zip(swept, combination))
+            variants.append((_label(method, values), method, {**base, **values}, sweep_orders))
+    if not variants:
+        raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
+    runs = []
+    for label, method, hyperparameters, variant_orders in variants:
+        if method not in METHODS:
+            raise EllaError(f"{path}: unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
+        get_method(method, **hyperparameters)  # a bad hyper-parameter fails now, not hours into the suite
+        runs += [SuiteRun(label, method, hyperparameters, order, seed, root / label / f"order{order}-seed{seed}",
+                          options) for order in variant_orders for seed in seeds]
+    labels = [r.output_dir for r in runs]
+    if len(set(labels)) != len(labels):
+        raise EllaError(f"{path}: two runs would share a directory; give sweeps distinct values")
+    return {**suite, "output_dir": root}, runs
+
+
+def run_suite(path: str | Path) -> Path:
+    """Run (or resume, or skip) every run of the suite; write the table and the report; return the report."""
+    from .cli import build_parser, command_run
+    from .report import write_report
+
+    suite, runs = load_suite(path)
+    parser = build_parser()
+    commands = []
+    for run in runs:  # argparse checks every run's options before the first one starts
+        status = run_status(run.output_dir)
+        argv = run.argv(suite) + (["--resume"] if status is not None else [])
+        args = parser.parse_args(argv)
+        args.argv = argv
+        commands.append((run, status, args))
+    for index, (run, status, args) in enumerate(commands, 1):
+        print(f"[{index}/{len(runs)}] {run.label}, order {run.order}, seed {run.seed}: "
+              + {"complete": "complete, skipped", "running": "resuming", None: "starting"}[status], flush=True)
+        if status != "complete":
+            command_run(args)
+    return write_report([suite["output_dir"]], suite["output_dir"])
