@@ -86,7 +86,16 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, monkeypa
     with pytest.raises(EllaError, match="unfinished run without its checkpoint"):
         run_suite(path)
     out = capsys.readouterr().out
-    assert out.count("complete, skipped") == 3 and "ella, order 2, seed 42: resuming" in out
+    assert out.count("complete, not repeated") == 3 and "ella, order 2, seed 42: resuming" in out
+
+
+def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir):
+    path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0].replace('methods = ["inclora", "ella"]',
+                                                                              'methods = ["ella"]'))
+    run_suite(path)
+    path.write_text(path.read_text().replace("lam = 10.0", "lam = 20.0"))
+    with pytest.raises(EllaError, match="other settings \\(method differ"):
+        run_suite(path)
 
 
 def test_report_command_on_one_run(sequence_file, tmp_path, capsys):

@@ -35,7 +35,7 @@ def test_the_three_representations_hold_the_same_sum_while_exact():
     assert values["svd"] == pytest.approx(values["dense"], rel=1e-5)
 
 
-def test_sizes_dense_flat_factors_growing_svd_capped():
+def test_sizes_dense_flat_factors_growing_up_to_dense_svd_capped():
     generator = torch.Generator().manual_seed(2)
     stores = {kind: PastUpdates(kind, rank=4) for kind in ("dense", "factors", "svd")}
     sizes = {kind: [] for kind in stores}
@@ -45,9 +45,24 @@ def test_sizes_dense_flat_factors_growing_svd_capped():
             store.add("m", update)
             sizes[kind].append(store.nbytes())
     assert sizes["dense"] == [12 * 10 * 4] * 5
-    assert sizes["factors"] == [(12 + 10) * 2 * t * 4 for t in range(1, 6)]
+    # factors grow by (12 + 10)·2 floats a task until they would not be smaller than the 12 x 10 matrix (task 3)
+    assert sizes["factors"] == [(12 + 10) * 2 * 4, (12 + 10) * 4 * 4, 120 * 4, 120 * 4, 120 * 4]
     assert sizes["svd"] == [(12 + 10) * 2 * 4, (12 + 10) * 4 * 4, (12 + 10) * 4 * 4, (12 + 10) * 4 * 4,
                             (12 + 10) * 4 * 4]
+
+
+def test_factors_turn_dense_and_stay_exact():
+    generator = torch.Generator().manual_seed(4)
+    updates = [random_update(generator, r=2) for _ in range(5)]
+    store, reference = PastUpdates("factors"), PastUpdates("dense")
+    for update in updates:
+        store.add("m", update)
+        reference.add("m", update)
+        torch.testing.assert_close(store.matrix("m"), reference.matrix("m"))
+    assert isinstance(store.modules["m"], torch.Tensor)
+    restored = PastUpdates("factors")
+    restored.load(store.tensors())
+    torch.testing.assert_close(restored.matrix("m"), reference.matrix("m"))
 
 
 def test_dense_updates_need_dense_or_svd():

@@ -22,8 +22,8 @@ A suite file (TOML)::
     lam = [1e3, 1e4, 1e5, 1e6]
     orders = [1]                               # (optional) only these orders
 
-A run that is complete is skipped and an interrupted one resumed, so re-running the suite after a crash picks up
-where it stopped. At the end the suite's table is printed and the report written (see ``ella.report``).
+A run that is complete is not repeated and an interrupted one is resumed (both only if their settings still match
+the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is printed and the report written (see ``ella.report``).
 """
 
 from __future__ import annotations
@@ -136,7 +136,6 @@ def run_suite(path: str | Path) -> Path:
         commands.append((run, status, args))
     for index, (run, status, args) in enumerate(commands, 1):
         print(f"[{index}/{len(runs)}] {run.label}, order {run.order}, seed {run.seed}: "
-              + {"complete": "complete, skipped", "running": "resuming", None: "starting"}[status], flush=True)
-        if status != "complete":
-            command_run(args)
+              + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status], flush=True)
+        command_run(args)  # with --resume: checks that the settings still match, trains only what is missing
     return write_report([suite["output_dir"]], suite["output_dir"])

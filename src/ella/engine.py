@@ -285,7 +285,8 @@ def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMet
     else:
         checkpoint.save_checkpoint(output_dir, model)
     record = {**header, **result.to_dict(), "status": "complete" if result.complete else "running",
-              "tasks_done": len(result.matrix), "peak_memory": peak_memory(), "versions": versions()}
+              "tasks_done": len(result.matrix), "method_state_bytes": sum(v.nbytes for v in state.values()),
+              "peak_memory": peak_memory(), "versions": versions()}
     checkpoint.write_json(output_dir / checkpoint.RESULTS, record)  # last: it marks the task as done
     if result.complete:
         checkpoint.finish_run(output_dir)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from statistics import mean, stdev
 
-from .checkpoint import METHOD_STATE, RESULTS
+from .checkpoint import RESULTS
 from .engine import SequenceResult
 from .errors import EllaError
 
@@ -146,8 +146,7 @@ def cost_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["method", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
     rows = []
     for label, group in _by(runs, lambda r: r["label"]).items():
-        state = [(r["directory"] / METHOD_STATE).stat().st_size if (r["directory"] / METHOD_STATE).exists() else 0
-                 for r in group]
+        state = [r.get("method_state_bytes", 0) for r in group]
         rows.append([label, f"{mean(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
                      f"{mean(sum(r['eval_seconds']) for r in group):.0f}",
                      f"{mean(r['total_seconds'] for r in group):.0f}",

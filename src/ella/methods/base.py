@@ -75,6 +75,24 @@ class TaskData:
 
 
 
+@torch.no_grad()
+def observe(model: torch.nn.Module, hooks: list[tuple[torch.nn.Module, Callable]], batches,
+            pre: bool = False, with_kwargs: bool = False) -> None:
+    """Run ``model`` over ``batches`` in eval mode (no dropout), without gradients, with temporary forward hooks
+    (``pre``: forward pre-hooks) on the given modules; the model's training mode is restored afterwards."""
+    register = "register_forward_pre_hook" if pre else "register_forward_hook"
+    handles = [getattr(module, register)(hook, with_kwargs=with_kwargs) for module, hook in hooks]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def require_data(data: TaskData | None, method: str, purpose: str) -> TaskData:
     """``data``, or an error for a user's own loop that called a hook without it."""
     if data is None:

@@ -44,8 +44,9 @@ class ELLAHyperparameters(LoraHyperparameters):
         3e4, "penalty weight λ: one value, or one per task (comma-separated); the paper used 3e4 on "
              "T5-large; the right value depends on the model's weight scale", parse_lambdas)
     penalty_reduction: str = hyperparameter("sum", "combine the modules' penalties by 'sum' (paper) or 'mean'")
-    w_past: str = hyperparameter("svd", "how W_past is kept: 'dense' (d_out x d_in per module), 'factors' (exact, "
-                                        "grows by r per task) or 'svd' (truncated to --w-past-rank: constant size)")
+    w_past: str = hyperparameter("factors", "how W_past is kept: 'factors' (exact low-rank factors, growing by r per "
+                                            "task up to the dense size), 'dense' (d_out x d_in per module) or 'svd' "
+                                            "(truncated to --w-past-rank: small and constant, approximate)")
     w_past_rank: int = hyperparameter(64, "rank R that the 'svd' representation keeps")
     w_past_cache: bool = hyperparameter(True, "keep W_past² dense on the device during a task: the fastest penalty; "
                                               "'no' rebuilds it every step from the stored form (least memory)",

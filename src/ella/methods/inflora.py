@@ -32,10 +32,9 @@ from peft.tuners.lora import LoraLayer
 
 from ..data import Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, register, require_data
+from .base import TaskData, hyperparameter, observe, register, require_data
 from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, lora_layers
-from .olora import check_state_fits
+from .lora import LoraHyperparameters, check_state_fits, lora_layers
 
 
 @dataclass
@@ -53,7 +52,6 @@ class InfLoRAHyperparameters(LoraHyperparameters):
             raise EllaError(f"gpm_threshold must be in (0, 1) (got {self.gpm_threshold}); GPM uses 0.95 to 0.99")
 
 
-@torch.no_grad()
 def input_covariances(model: torch.nn.Module, layers: dict[str, LoraLayer], batches) -> dict[str, torch.Tensor]:
     """C = Σ x xᵀ (fp32) over every token's input x to each of ``layers``, running ``model`` in eval mode
     (no dropout) over ``batches``."""
@@ -66,16 +64,7 @@ def input_covariances(model: torch.nn.Module, layers: dict[str, LoraLayer], batc
             covariances[name] += x.T @ x
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    observe(model, [(layer, record(name)) for name, layer in layers.items()], batches, pre=True)
     return covariances
 
 

@@ -87,9 +87,14 @@ def block_of(module_name: str) -> str:
     return ".".join(parts[: index + 1])
 
 
-def delta_weights(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
-    """ΔW = s·B·A of every adapted module, in the base weight's layout (differentiable)."""
-    return {name: layer.get_delta_weight(adapter) for name, layer in lora_layers(model, adapter).items()}
+def check_state_fits(method: str, input_sizes: dict[str, int], layers: dict[str, LoraLayer]) -> None:
+    """Every module of a loaded state (name -> its d_in) must be an adapted module with the same input size."""
+    wrong = sorted(name for name, d_in in input_sizes.items()
+                   if name not in layers or layers[name].in_features != d_in)
+    if wrong:
+        raise EllaError(f"the {method} state does not fit this model: {len(wrong)} module(s), e.g. {wrong[0]}, are not "
+                        f"adapted here or differ in input size; load the method_state.safetensors of a {method} run "
+                        "with the same model and target modules")
 
 
 class LoraMethod(ContinualMethod):

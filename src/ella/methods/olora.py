@@ -20,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from ..data import Task
 from ..errors import EllaError
 from .base import TaskData, hyperparameter, register
 from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, lora_layers
+from .lora import LoraHyperparameters, check_state_fits, lora_layers
 
 
 @dataclass
@@ -45,16 +44,6 @@ class OLoRAHyperparameters(LoraHyperparameters):
 def orthogonality_loss(a_past: torch.Tensor, a_new: torch.Tensor) -> torch.Tensor:
     """Σ_ij |(A_past A_newᵀ)_ij|: the element-wise L1 norm of the (Σr x r) overlaps of the new rows with the old."""
     return (a_past @ a_new.T).abs().sum()
-
-
-def check_state_fits(method: str, input_sizes: dict[str, int], layers: dict[str, LoraLayer]) -> None:
-    """Every module of a loaded state (name -> its d_in) must be an adapted module with the same input size."""
-    wrong = sorted(name for name, d_in in input_sizes.items()
-                   if name not in layers or layers[name].in_features != d_in)
-    if wrong:
-        raise EllaError(f"the {method} state does not fit this model: {len(wrong)} module(s), e.g. {wrong[0]}, are not "
-                        f"adapted here or differ in input size; load the method_state.safetensors of a {method} run "
-                        "with the same model and target modules")
 
 
 @register

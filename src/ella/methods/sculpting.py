@@ -28,7 +28,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPI
 
 from ..data import Task
 from ..errors import EllaError
-from .base import ContinualMethod, TaskData, hyperparameter, register, require_data
+from .base import ContinualMethod, TaskData, hyperparameter, observe, register, require_data
 from .lora import block_of, check_target_modules, parse_names
 
 
@@ -51,7 +51,6 @@ class SculptingHyperparameters:
             raise EllaError("target_modules is empty; name at least one linear layer")
 
 
-@torch.no_grad()
 def block_importance(model: torch.nn.Module, batches) -> dict[str, float]:
     """Mean cos(h, block(h)) over the tokens of ``batches`` for every transformer block (its input vs. output)."""
     blocks = {block_of(name): module for name, module in model.named_modules()
@@ -67,16 +66,7 @@ def block_importance(model: torch.nn.Module, batches) -> dict[str, float]:
             totals[name][1] += cos.numel()
         return hook
 
-    handles = [module.register_forward_hook(record(name), with_kwargs=True) for name, module in blocks.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    observe(model, [(module, record(name)) for name, module in blocks.items()], batches, with_kwargs=True)
     return {name: total / count for name, (total, count) in totals.items() if count}
 
 

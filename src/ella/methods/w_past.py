@@ -1,11 +1,12 @@
 """W_past, the sum of the earlier tasks' updates that ELLA penalises against, in three representations.
 
 - ``dense``: one d_out x d_in matrix per module. Exact; d_out·d_in floats, whatever the number of tasks.
-- ``factors``: W_past = L Rᵀ kept exactly as factors; each task appends its s·B (d_out x r) to L and Aᵀ (d_in x r)
-  to R, so the size (d_out + d_in)·r·t grows by r columns per task. Needs low-rank updates (plain LoRA).
-- ``svd``: the factors truncated to rank ``rank`` by SVD after every task (exact until r·t exceeds it):
-  constant size (d_out + d_in)·rank. Truncation keeps the largest singular directions, which are the
-  high-energy coordinates the penalty exists to protect.
+- ``factors`` (the default): W_past = L Rᵀ kept exactly; each task appends its s·B (d_out x r) to L and Aᵀ
+  (d_in x r) to R, so a module takes (d_out + d_in)·r·t floats, until that reaches d_out·d_in: from then on the
+  module is kept dense. Exact, and never larger than ``dense``: constant in size once the sequence is long.
+- ``svd``: the factors truncated to rank ``rank`` by SVD after every task (exact until r·t exceeds it): a small
+  constant size (d_out + d_in)·rank, at the price of a penalty error that grows with the number of tasks
+  (measured in benchmarks/results/efficiency.md). Truncation keeps the largest singular directions.
 
 The stored state is what the representation says. For speed the penalty keeps W_past² dense on the device during a
 task (``cache_squares``, the default); without it, nothing dense stays resident (see ``PastUpdates.penalty``).
@@ -91,7 +92,7 @@ def chunks(names: list[str], elements_per_module: int, budget: int = 1 << 26) ->
 class PastUpdates:
     """W_past of every adapted module, keyed by module name, in one representation."""
 
-    def __init__(self, representation: str = "svd", rank: int = 64, cache_squares: bool = True):
+    def __init__(self, representation: str = "factors", rank: int = 64, cache_squares: bool = True):
         if representation not in REPRESENTATIONS:
             raise EllaError(f"unknown W_past representation {representation!r}: choose one of "
                             f"{', '.join(REPRESENTATIONS)}")
@@ -115,6 +116,10 @@ class PastUpdates:
             past = self.modules.get(name)
             self.modules[name] = dense(update).float() + (past if past is not None else 0)
             return
+        past = self.modules.get(name)
+        if self.representation == "factors" and isinstance(past, torch.Tensor):  # already dense
+            self.modules[name] = past + dense(update).float()
+            return
         if not isinstance(update, LowRank):
             if self.representation == "factors":
                 raise EllaError("the 'factors' W_past representation needs low-rank updates; this method's "
@@ -122,11 +127,14 @@ class PastUpdates:
             u, s, vh = torch.linalg.svd(update.float(), full_matrices=False)
             update = LowRank(u[:, :self.rank] * s[:self.rank], vh[:self.rank].T)
         left, right = update.left.float(), update.right.float()
-        if name in self.modules:
-            left = torch.cat([self.modules[name].left, left], dim=1)
-            right = torch.cat([self.modules[name].right, right], dim=1)
+        if past is not None:
+            left = torch.cat([past.left, left], dim=1)
+            right = torch.cat([past.right, right], dim=1)
         if self.representation == "svd":
             left, right = truncate(left, right, self.rank)
+        elif (left.shape[0] + right.shape[0]) * left.shape[1] >= left.shape[0] * right.shape[0]:
+            self.modules[name] = left @ right.T  # exact factors no smaller than the matrix itself: keep it dense
+            return
         self.modules[name] = LowRank(left.contiguous(), right.contiguous())
 
     def matrix(self, name: str) -> torch.Tensor:
@@ -149,10 +157,14 @@ class PastUpdates:
         for names in groups.values():
             d_out, d_in = _dims(self.modules[names[0]])
             for chunk in (chunks(names, d_out * d_in) if not self.cache_squares else [names]):
-                first = updates[chunk[0]]
-                update = (LowRank(torch.stack([updates[n].left for n in chunk]),
-                                  torch.stack([updates[n].right for n in chunk]))
-                          if isinstance(first, LowRank) else torch.stack([updates[n] for n in chunk]))
+                if not isinstance(updates[chunk[0]], LowRank):  # dense updates exist already: no stacked copy
+                    squares = self._squares(chunk) if self.cache_squares else _stacked_matrix(*self._stack(chunk))
+                    if not self.cache_squares:
+                        squares = squares.square()
+                    terms.append(torch.stack([masked_energy(updates[n], square) for n, square in zip(chunk, squares)]))
+                    continue
+                update = LowRank(torch.stack([updates[n].left for n in chunk]),
+                                 torch.stack([updates[n].right for n in chunk]))
                 if self.cache_squares:
                     terms.append(masked_energy(update, self._squares(chunk)))
                 else:
@@ -197,10 +209,11 @@ class PastUpdates:
                 modules[name] = LowRank(left.float(), right.float())
             else:
                 modules[key] = value.float()
-        kinds = {isinstance(past, LowRank) for past in modules.values()}
-        if kinds and kinds != {self.representation != "dense"}:
-            raise EllaError(f"the saved W_past is {'factored' if True in kinds else 'dense'} but this run uses the "
-                            f"{self.representation!r} representation; pass the matching --w-past")
+        factored = {isinstance(past, LowRank) for past in modules.values()}
+        allowed = {"dense": {False}, "svd": {True}, "factors": {True, False}}[self.representation]
+        if not factored <= allowed:
+            raise EllaError(f"the saved W_past is {'factored' if True in factored else 'dense'} but this run uses "
+                            f"the {self.representation!r} representation; pass the matching --w-past")
         self.modules = modules
         self._cache.clear()
 
