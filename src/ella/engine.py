@@ -2,8 +2,9 @@
 method's penalty), the method closes the task, and every task of the sequence is evaluated, seen or not: one
 row of the accuracy matrix. A zero-shot row before any training is the reference of FWT.
 
-accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a
-CPU, one GPU, or several (``accelerate launch ella run ...``).
+accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a CPU
+or a GPU. Under ``accelerate launch`` the training is data-parallel and every process evaluates the whole test
+sets (not yet tried on several GPUs).
 """
 
 from __future__ import annotations
