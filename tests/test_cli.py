@@ -87,3 +87,13 @@ def test_help_is_complete(capsys):
     for option in ("--model", "--benchmark", "--order", "--sequence", "--method", "--lam", "--lora-r", "--lr",
                    "--eval-mode", "--train-per-task", "--output-dir", "--overwrite", "--mixed-precision"):
         assert option in out
+
+
+def test_trace_tasks_run_with_their_own_metrics(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, _ = run(*TINY, "--benchmark", "trace", "--tasks", "20Minuten,Py150", "--train-per-task", "2",
+                       "--output-dir", str(out_dir), capsys=capsys)
+    assert code == 0, out
+    assert "Score (%) after each task; evaluation: generate, 20Minuten sari, Py150 edit_similarity" in out
+    details = json.loads((out_dir / "results.json").read_text())["task_details"]
+    assert [d["metric"] for d in details] == ["sari", "edit_similarity"]

@@ -123,3 +123,30 @@ def test_malformed_sequence_file(tmp_path):
         load_task_sequence(tmp_path / "seq.json")
     with pytest.raises(EllaError, match="task sequence file not found"):
         load_task_sequence(tmp_path / "nope.json")
+
+
+def test_superni_prompt_orders_and_metrics(data_dir):
+    for order in (1, 2):
+        assert len(load_cl_benchmark("superni", order, data_dir=data_dir, train_per_task=1, test_per_task=1)) == 15
+    sst2, xsum = load_cl_benchmark("superni", tasks=["task363_sst2_polarity_classification",
+                                                     "task1290_xsum_summarization"], data_dir=data_dir,
+                                   train_per_task=2, test_per_task=2)
+    assert (sst2.metric, xsum.metric) == ("exact_match", "rouge_l") and sst2.labels is None
+    prompt = sst2.prompt(sst2.test[0])
+    assert prompt.startswith("Definition: In this task, you are given sentences from movie reviews.")
+    assert "\n\nNow complete the following example -\nInput: " + sst2.test[0].input + "\nOutput:" in prompt
+    quoref = load_cl_benchmark("superni", tasks=["task002_quoref_answer_generation"], data_dir=data_dir)[0]
+    assert any(e.references for e in quoref.test)  # several acceptable outputs are kept for scoring
+
+
+def test_trace_tasks_keep_their_metric_and_answer_cue(data_dir):
+    tasks = {t.name: t for t in load_cl_benchmark("trace", data_dir=data_dir, train_per_task=3, test_per_task=2)}
+    assert list(tasks) == ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds",
+                           "20Minuten"]
+    assert tasks["ScienceQA"].suffix == "\nAnswer:" and tasks["ScienceQA"].metric == "choice"
+    assert not tasks["ScienceQA"].test[0].input.endswith("Answer:")
+    assert tasks["Py150"].keep_input_end and tasks["Py150"].metric == "edit_similarity"
+    assert tasks["20Minuten"].metric == "sari" and tasks["NumGLUE-cm"].metric == "number"
+    assert "trains on eval.json" in tasks["MeetingBank"].source and len(tasks["MeetingBank"].train) == 3
+    with pytest.raises(EllaError, match="unknown order 2 for the trace benchmark"):
+        load_cl_benchmark("trace", 2, data_dir=data_dir)

@@ -3,8 +3,9 @@ import torch
 from accelerate import Accelerator
 
 from ella import EllaError
-from ella.data import IGNORE_INDEX, Example, TaskEncoder, collate
-from ella.evaluation import answer_token_nll, evaluate_task, normalize_answer, option_log_likelihoods
+from ella.data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
+from ella.evaluation import answer_token_nll, evaluate_task, option_log_likelihoods
+from ella.scores import normalize_answer
 from ella.models import tiny_model
 
 
@@ -110,3 +111,10 @@ def test_rank_needs_labels(tasks):
     encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
     with pytest.raises(EllaError, match="rank classification needs a label set"):
         evaluate_task(model, tokenizer, task, encoder, "rank", 4, Accelerator(cpu=True))
+
+
+def test_a_task_that_keeps_its_input_end_loses_the_start():
+    _, tokenizer = tiny_model()
+    task = Task("code", [Example("x", "y")], [Example("x", "y")], suffix="", keep_input_end=True)
+    (item,) = TaskEncoder(tokenizer, task, max_length=16, seq2seq=False).generation([Example("a" * 40 + "END", "y")])
+    assert tokenizer.decode(item.input_ids).endswith("aaEND")

@@ -90,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = run.add_argument_group("tasks")
     data.add_argument("--benchmark", default="standard", choices=list(BENCHMARK_ORDERS),
-                      help="CL benchmark: standard (4 tasks, orders 1-3) or long (15 tasks, orders 4-6)")
+                      help="standard (CL benchmark, 4 tasks, orders 1-3), long (15 tasks, orders 4-6), superni "
+                           "(15 tasks, orders 1-2; ROUGE-L / exact match) or trace (8 tasks, order 1; TRACE's "
+                           "per-task metrics)")
     data.add_argument("--order", default=None, help="task order of the benchmark (default: its first)")
     data.add_argument("--tasks", type=_names, default=None,
-                      help="comma-separated CL-benchmark task names, in training order (instead of --order)")
+                      help="comma-separated task names of the benchmark, in training order (instead of --order)")
     data.add_argument("--sequence", type=Path, default=None,
                       help="your own task sequence: a JSON file (format: README, 'Your own tasks')")
     data.add_argument("--data-dir", default=None,
@@ -227,7 +229,11 @@ def command_run(args: argparse.Namespace) -> int:
     plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
     if args.save_model:
         save_model(model, tokenizer, output_dir / "model")
-    print(f"\nAccuracy (%) after each task; evaluation: {EVAL_MODES[result.eval_mode]}; "
+    if all(t.metric == "exact_match" for t in tasks):
+        kind, scoring = "Accuracy", EVAL_MODES[result.eval_mode]
+    else:
+        kind, scoring = "Score", f"{result.eval_mode}, " + ", ".join(f"{t.name} {t.metric}" for t in tasks)
+    print(f"\n{kind} (%) after each task; evaluation: {scoring}; "
           f"{', '.join(f'{t.name} {len(t.test)}' for t in tasks)} test examples")
     print(format_matrix(result))
     print(format_metrics(result))

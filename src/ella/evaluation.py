@@ -1,7 +1,7 @@
 """Scoring answers: the answer-only loss, greedy-generation exact match, and rank classification.
 
-- ``generate`` (default, the papers' protocol): greedy decoding of the continuation only, then exact match after
-  lower-casing, stripping punctuation and collapsing whitespace.
+- ``generate`` (default, the papers' protocol): greedy decoding of the continuation only, scored by the task's
+  metric (``ella.scores``): the normalised exact match on the CL benchmark, ROUGE-L, SARI, ... elsewhere.
 - ``rank``: the label option with the highest log-likelihood ``Σ log p(label tokens + EOS | prompt)`` wins;
   faster (one forward pass per option, no decoding loop) and never off the label set.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import re
-import string
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +19,12 @@ from tqdm.auto import tqdm
 from .data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
 from .errors import EllaError
 from .models import is_seq2seq
+from .scores import ANSWER_METRICS
 
 EVAL_MODES = {
     "generate": "greedy generation, normalised exact match",
     "rank": "rank classification: the label option with the highest log-likelihood",
 }
-_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace (the papers' exact-match normalisation)."""
-    return " ".join(_PUNCTUATION.sub("", text.lower()).split())
-
-
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under any DDP / peft wrapper."""
     model = getattr(model, "module", model)
@@ -67,7 +58,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 @dataclass
 class TaskScore:
-    accuracy: float  # percent
+    accuracy: float  # percent, by the task's metric (exact match unless the task says otherwise)
     predictions: list[str]
 
 
@@ -81,7 +72,7 @@ def batches(items: list, batch_size: int):
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str, batch_size: int,
                   accelerator, max_new_tokens: int | None = None, progress: str = "") -> TaskScore:
-    """Accuracy (%) of ``model`` on ``task.test`` and the prediction for each example."""
+    """The score (%) of ``model`` on ``task.test`` by the task's metric, and the prediction for each example."""
     if mode not in EVAL_MODES:
         raise EllaError(f"unknown evaluation mode {mode!r}: choose one of {', '.join(EVAL_MODES)}")
     model.eval()
@@ -90,8 +81,8 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     else:
         new_tokens = max_new_tokens or encoder.longest_target + 4  # room for trailing punctuation
         predictions = _generate(model, tokenizer, task, encoder, batch_size, accelerator, new_tokens, progress)
-    correct = sum(normalize_answer(p) == normalize_answer(e.output) for p, e in zip(predictions, task.test))
-    return TaskScore(100.0 * correct / len(task.test), predictions)
+    score = ANSWER_METRICS[task.metric]
+    return TaskScore(sum(score(p, e) for p, e in zip(predictions, task.test)) / len(task.test), predictions)
 
 
 def _generate(model, tokenizer, task, encoder, batch_size, accelerator, max_new_tokens, progress) -> list[str]:

@@ -26,7 +26,8 @@ class Encoded:
 
 
 class TaskEncoder:
-    """Tokenizes one task's examples; the input is truncated so that prompt + target fit ``max_length``."""
+    """Tokenizes one task's examples; the input is truncated so that prompt + target fit ``max_length``
+    (its end is cut, or its start for a task that ``keep_input_end``)."""
 
     def __init__(self, tokenizer, task: Task, max_length: int, seq2seq: bool):
         if max_length < 8:
@@ -59,7 +60,9 @@ class TaskEncoder:
 
     def prompts(self, examples: list[Example]) -> list[list[int]]:
         inputs = self.tokenizer([e.input for e in examples], add_special_tokens=False).input_ids if examples else []
-        return [self.head + self.prefix + ids[: self.input_budget] + self.suffix + self.tail for ids in inputs]
+        budget = self.input_budget
+        return [self.head + self.prefix + (ids[-budget:] if self.task.keep_input_end else ids[:budget])
+                + self.suffix + self.tail for ids in inputs]
 
     def training(self, examples: list[Example]) -> list[Encoded]:
         """Prompt and target for the loss (also used to score each label option)."""

@@ -33,7 +33,12 @@ ANSWER_SUFFIX = "\nAnswer:"
 @dataclass(frozen=True)
 class Example:
     input: str
-    output: str
+    output: str  # the training target
+    references: tuple[str, ...] = ()  # further acceptable answers for scoring (SuperNI lists several)
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        return (self.output, *self.references)
 
 
 @dataclass
@@ -46,7 +51,8 @@ class Task:
     labels: list[str] | None = None
     prefix: str = ""  # instruction and options, before the input
     suffix: str = ANSWER_SUFFIX  # after the input
-    metric: str = "exact_match"
+    metric: str = "exact_match"  # how a generated answer is scored: a name in ella.scores.ANSWER_METRICS
+    keep_input_end: bool = False  # truncate a long input from its start (code completion needs the end)
     source: str = ""  # where the examples came from, for error messages and results.json
 
     def prompt(self, example: Example) -> str:

@@ -1,0 +1,44 @@
+"""TRACE, 500 training examples per task: ``trace_500/<task>/{train,eval,test}.json``, lists of
+``{"prompt", "answer"}``. The prompts carry their own instructions; their last line (``Answer:``, ``态度：``, ...)
+is kept whole when a long input is truncated.
+
+Each task keeps TRACE's metric: the option letter for C-STANCE, FOMC and ScienceQA (whose answers go on to give
+reasons), the number for NumGLUE, ROUGE-L for MeetingBank, edit similarity for Py150 (code completion: a long
+input loses its start, not the end being completed) and SARI for 20Minuten (simplification). MeetingBank ships no
+training split: it trains on its ``eval`` split (100 examples), and its ``source`` says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import EllaError
+from .tasks import Example, Task, parse_examples, read_records, subsample
+
+METRICS = {"C-STANCE": "choice", "FOMC": "choice", "ScienceQA": "choice", "NumGLUE-cm": "number",
+           "NumGLUE-ds": "number", "MeetingBank": "rouge_l", "Py150": "edit_similarity", "20Minuten": "sari"}
+CUE_LENGTH = 40  # a last prompt line up to this long is the answer cue, kept out of truncation
+
+
+def _split_cue(example: Example) -> tuple[str, str]:
+    head, newline, cue = example.input.rpartition("\n")
+    return (head, newline + cue) if newline and len(cue) <= CUE_LENGTH else (example.input, "")
+
+
+def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int) -> Task:
+    if name not in METRICS:
+        raise EllaError(f"{directory}: unknown TRACE task {name!r}; TRACE's tasks are {', '.join(METRICS)}")
+    train_file = directory / "train.json"
+    if not train_file.is_file() and (directory / "eval.json").is_file():
+        train_file = directory / "eval.json"
+    splits = {}
+    for split, file, n in (("train", train_file, n_train), ("test", directory / "test.json", n_test)):
+        examples = parse_examples(read_records(file), file, "prompt", "answer", None)
+        splits[split] = subsample(examples, n, seed, f"{name}/{split}")
+    cues = {_split_cue(e)[1] for e in splits["train"] + splits["test"]}
+    suffix = cues.pop() if len(cues) == 1 else ""  # a cue shared by every prompt becomes the task's suffix
+    if suffix:
+        splits = {k: [Example(e.input[: -len(suffix)], e.output) for e in v] for k, v in splits.items()}
+    substitute = "" if train_file.name == "train.json" else " (trains on eval.json: no train split)"
+    return Task(name, splits["train"], splits["test"], suffix=suffix, metric=METRICS[name],
+                keep_input_end=name == "Py150", source=str(directory) + substitute)
