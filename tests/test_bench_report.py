@@ -49,11 +49,20 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     assert runs[0].output_dir == tmp_path / "suite" / "inclora" / "order1-seed42"
 
 
+def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
+    text = SUITE.replace("orders = [1, 2]\n", "").replace("[run]", "[run]\ntasks = ['CB', 'RTE']")
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
+    assert [r.output_dir.name for r in runs] == ["tasks-seed42"] * 4
+    argv = runs[0].argv(suite)
+    assert "--order" not in argv and argv[argv.index("--tasks") + 1] == "CB,RTE"
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace('methods = ["inclora", "ella"]', 'methods = ["inclora", "magic"]'), "unknown method 'magic'"),
     (lambda t: t.replace("lam = 10.0", "lam = -1.0"), "non-negative"),
     (lambda t: t.replace('model = "tiny-causal"', 'modle = "tiny-causal"'), "unknown keys \\['modle'\\]"),
     (lambda t: t.replace("orders = [1, 2]", "orders = [1, 2"), "malformed TOML"),
+    (lambda t: t.replace("[run]", "[run]\ntasks = ['CB', 'RTE']"), "drop orders"),
 ])
 def test_bad_suites(tmp_path, data_dir, edit, message):
     with pytest.raises(EllaError, match=message):

@@ -10,7 +10,7 @@ A suite file (TOML)::
     methods = ["seqlora", "inclora", "olora", "ella", "jumplora-ella", "sculpting"]
 
     [run]                                      # any `ella run` option, for every run
-    train_per_task = 128
+    train_per_task = 128                       # (tasks = ["dbpedia", "agnews"] instead of orders: one sequence)
     test_per_task = 64
     eval_mode = "rank"
 
@@ -53,8 +53,9 @@ class SuiteRun:
 
     def argv(self, suite: dict) -> list[str]:
         """The ``ella run`` command line of this run."""
+        order = {} if "tasks" in self.options else {"order": self.order}  # named tasks replace the order
         options = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
-                   "order": self.order, "seed": self.seed, "method": self.method, "label": self.label,
+                   **order, "seed": self.seed, "method": self.method, "label": self.label,
                    "output-dir": self.output_dir, **{k: v for k, v in (("data-dir", suite.get("data_dir")),
                                                                        ("dtype", suite.get("dtype"))) if v},
                    **self.options, **self.hyperparameters}
@@ -90,6 +91,8 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         else Path(suite["output_dir"])
     orders, seeds = suite.get("orders", [1]), suite.get("seeds", [42])
     options = suite.get("run", {})
+    if "tasks" in options and "orders" in suite:
+        raise EllaError(f"{path}: [run] tasks = [...] names the sequence itself; drop orders = [...]")
     variants: list[tuple[str, str, dict, list]] = []
     for method in suite.get("methods", []):
         variants.append((method, method, dict(suite.get("method", {}).get(method, {})), orders))
@@ -112,8 +115,9 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         if method not in METHODS:
             raise EllaError(f"{path}: unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
         get_method(method, **hyperparameters)  # a bad hyper-parameter fails now, not hours into the suite
-        runs += [SuiteRun(label, method, hyperparameters, order, seed, root / label / f"order{order}-seed{seed}",
-                          options) for order in variant_orders for seed in seeds]
+        runs += [SuiteRun(label, method, hyperparameters, order, seed,
+                          root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}", options)
+                 for order in variant_orders for seed in seeds]
     labels = [r.output_dir for r in runs]
     if len(set(labels)) != len(labels):
         raise EllaError(f"{path}: two runs would share a directory; give sweeps distinct values")
