@@ -112,6 +112,6 @@ def test_report_command_on_one_run(sequence_file, tmp_path, capsys):
     assert main(["run", "--model", "tiny-causal", "--sequence", str(sequence_file), "--output-dir", str(run_dir),
                  "--mixed-precision", "no", "--max-length", "64", "--train-per-task", "4"]) == 0
     assert main(["report", str(run_dir)]) == 0
-    assert "own tasks" in (run_dir / "report.md").read_text()
+    assert "the named tasks" in (run_dir / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no such run directory" in capsys.readouterr().err

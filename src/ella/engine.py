@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import resource
 import time
@@ -228,6 +229,7 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     started = time.perf_counter()
     set_seed(training.seed)
     accelerator = accelerator or make_accelerator(training)
+    reset_peak_memory()
     model = model.to(accelerator.device)
     method.setup(model, tasks)
     seq2seq = is_seq2seq(model)
@@ -293,10 +295,24 @@ def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMet
         checkpoint.finish_run(output_dir)
 
 
+def reset_peak_memory() -> None:
+    """Start the peak-memory count at this run, so that runs in one process (a suite) do not inherit each other's
+    peaks. On Linux, writing 5 to /proc/self/clear_refs resets the process's peak RSS."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the figure stays the process's peak, and peak_memory() says so
+
+
 def peak_memory() -> dict:
     if torch.cuda.is_available():
         return {"device": "cuda", "bytes": torch.cuda.max_memory_allocated()}
-    return {"device": "cpu (process peak RSS)", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    where = "cpu (peak RSS of this run)" if os.path.exists("/proc/self/clear_refs") else "cpu (process peak RSS)"
+    return {"device": where, "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def versions() -> dict:

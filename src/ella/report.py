@@ -124,7 +124,7 @@ def _cell(values: list[float], signed: bool = False, spread: bool = True) -> str
 def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The papers' table: per method and order OA, BWT, FWT (mean over seeds), and their average over orders."""
     orders = sorted({str(run["run"].get("order")) for run in runs})
-    header = ["method"] + [f"{metric} ({'order ' + o if o != 'None' else 'own tasks'})"
+    header = ["method"] + [f"{metric} ({'order ' + o if o != 'None' else 'the named tasks'})"
                            for o in orders for metric in ("OA", "BWT", "FWT")] + ["OA avg", "BWT avg", "FWT avg"]
     rows = []
     for label, group in _by(runs, lambda r: r["label"]).items():
