@@ -322,7 +322,7 @@ def main() -> None:
         transformers.utils.logging.set_verbosity_error()
         print(json.dumps(step_probe(args.probe[0], json.loads(args.probe[1]), args.steps)))
         return
-    rounds, steps, examples, error_examples = (1, 3, 16, 16) if args.quick else (3, 8, 48, 32)
+    rounds, steps, examples, error_examples = (1, 3, 16, 16) if args.quick else (3, 6, 48, 32)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads", "date": time.strftime("%Y-%m-%d"),
                "rounds": rounds, "steps": steps, "penalty_error_order": "4", "penalty_error_examples": error_examples}
