@@ -139,7 +139,8 @@ def run_suite(path: str | Path) -> Path:
         args.argv = argv
         commands.append((run, status, args))
     for index, (run, status, args) in enumerate(commands, 1):
-        print(f"[{index}/{len(runs)}] {run.label}, order {run.order}, seed {run.seed}: "
+        sequence = "the named tasks" if "tasks" in run.options else f"order {run.order}"
+        print(f"[{index}/{len(runs)}] {run.label}, {sequence}, seed {run.seed}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status], flush=True)
         command_run(args)  # with --resume: checks that the settings still match, trains only what is missing
     return write_report([suite["output_dir"]], suite["output_dir"])

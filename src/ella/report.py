@@ -112,6 +112,11 @@ def _by(runs: list[dict], key) -> dict:
     return groups
 
 
+def _sequence(order) -> str:
+    """How a table or figure names a run's task sequence: its order, or "the named tasks" (--tasks, --sequence)."""
+    return "the named tasks" if order is None or str(order) == "None" else f"order {order}"
+
+
 def _cell(values: list[float], signed: bool = False, spread: bool = True) -> str:
     """The mean (± the standard deviation when there are several values and ``spread``)."""
     values = [v for v in values if v is not None]
@@ -124,7 +129,7 @@ def _cell(values: list[float], signed: bool = False, spread: bool = True) -> str
 def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The papers' table: per method and order OA, BWT, FWT (mean over seeds), and their average over orders."""
     orders = sorted({str(run["run"].get("order")) for run in runs})
-    header = ["method"] + [f"{metric} ({'order ' + o if o != 'None' else 'the named tasks'})"
+    header = ["method"] + [f"{metric} ({_sequence(o)})"
                            for o in orders for metric in ("OA", "BWT", "FWT")] + ["OA avg", "BWT avg", "FWT avg"]
     rows = []
     for label, group in _by(runs, lambda r: r["label"]).items():
@@ -163,7 +168,7 @@ def diagnostics_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | N
         for log in run["task_logs"]:
             d = log.get("diagnostics")
             if d:
-                rows.append([f"{run['label']} order {run['run'].get('order')}", log["task"], f"{d['lambda']:g}",
+                rows.append([f"{run['label']}, {_sequence(run['run'].get('order'))}", log["task"], f"{d['lambda']:g}",
                              f"{d['interference']:.3g}", f"{d['bound']:.3g}",
                              f"{100 * d['update_energy_in_high_energy_coordinates']:.1f}%"])
     return (header, rows) if rows else None
@@ -217,7 +222,7 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
         for j, order in enumerate(orders):
             run = first_seed.get((label, order))
             axes[i][j].set_axis_off() if run is None else draw_matrix(
-                axes[i][j], SequenceResult.from_record(run), f"{label}, order {order}")
+                axes[i][j], SequenceResult.from_record(run), f"{label}, {_sequence(order)}")
     save("heatmaps.png", fig)
 
     for order in orders:
@@ -232,7 +237,7 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
             ax.set_xticks(list(steps))
         axes[0][0].set_ylabel("accuracy (%)")
         axes[0][-1].legend(fontsize=7, loc="best")
-        save(f"tasks_across_sequence_order{order}.png", fig)
+        save(f"tasks_across_sequence_{'named_tasks' if order == 'None' else 'order' + order}.png", fig)
     return out
 
 
