@@ -4,7 +4,7 @@ from accelerate import Accelerator
 
 from ella import EllaError
 from ella.data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
-from ella.evaluation import answer_token_nll, evaluate_task, option_log_likelihoods
+from ella.evaluation import answer_token_nll, evaluate_task, option_groups, option_log_likelihoods
 from ella.scores import normalize_answer
 from ella.models import tiny_model
 
@@ -83,11 +83,15 @@ def test_batched_evaluation_matches_one_example_at_a_time(tasks, seq2seq):
         assert 0 <= batched.accuracy <= 100
 
 
-@pytest.mark.parametrize("seq2seq", [False, True])
-def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq):
-    """The prompt encoded once (cache / encoder output reused) gives the same log p(option) as scoring each
-    prompt + option sequence in full, and the prediction is the most likely option."""
+@pytest.mark.parametrize("tokens_per_pass", [256, 1])  # all options in one pass; one pass per option
+@pytest.mark.parametrize("seq2seq, attention", [(False, "sdpa"), (False, "eager"), (True, "sdpa")])
+def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq, attention, tokens_per_pass, monkeypatch):
+    """The prompt encoded once (cache / encoder output reused) and the options scored together (one continuation
+    under a block-causal mask / one decoder batch) give the same log p(option) as scoring each prompt + option
+    sequence in full, and the prediction is the most likely option."""
+    monkeypatch.setattr("ella.evaluation.OPTION_TOKENS_PER_PASS", tokens_per_pass)
     model, tokenizer = tiny_model(seq2seq=seq2seq)
+    model.set_attn_implementation(attention)
     model.eval()
     task = tasks[1]
     encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=seq2seq)
@@ -102,6 +106,19 @@ def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq):
     score = evaluate_task(model, tokenizer, task, encoder, "rank", 3, Accelerator(cpu=True))
     assert score.predictions == [task.labels[i] for i in scores.argmax(1).tolist()]
     assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
+
+
+def test_option_groups_bound_the_tokens_of_one_pass(monkeypatch):
+    monkeypatch.setattr("ella.evaluation.OPTION_TOKENS_PER_PASS", 5)
+    assert option_groups([[1, 2], [3, 4, 5], [6], [7, 8, 9, 10, 11, 12], [13]]) == [[0, 1], [2], [3], [4]]
+
+
+def test_rank_refuses_an_attention_without_custom_masks(tasks):
+    model, tokenizer = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"  # not installed here: refused before any forward pass
+    encoder = TaskEncoder(tokenizer, tasks[1], max_length=64, seq2seq=False)
+    with pytest.raises(EllaError, match="attn_implementation='sdpa'.*--eval-mode generate"):
+        evaluate_task(model, tokenizer, tasks[1], encoder, "rank", 4, Accelerator(cpu=True))
 
 
 def test_rank_needs_labels(tasks):

@@ -3,7 +3,7 @@
 - ``generate`` (default, the papers' protocol): greedy decoding of the continuation only, scored by the task's
   metric (``ella.scores``): the normalised exact match on the CL benchmark, ROUGE-L, SARI, ... elsewhere.
 - ``rank``: the label option with the highest log-likelihood ``Σ log p(label tokens + EOS | prompt)`` wins;
-  faster (one forward pass per option, no decoding loop) and never off the label set.
+  the prompt and all options in two forward passes (no decoding loop), never off the label set.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kept)
         logits = out.logits[:, -(k + 1):-1]
         targets = labels[:, -k:]
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(targets.shape)
-    return nll, targets != IGNORE_INDEX
+    return token_nll(logits, targets), targets != IGNORE_INDEX
 
 
 @dataclass
@@ -122,36 +120,89 @@ def _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress) ->
     return predictions
 
 
+OPTION_TOKENS_PER_PASS = 256  # scored option tokens per prompt in one forward pass: bounds the logits' memory
+
+
 def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[list[int]]) -> torch.Tensor:
     """log p(option | prompt) for every prompt of the batch and every option (token ids ending with EOS), (E, K).
 
-    The prompt is encoded once per batch, not once per option: a causal LM keeps its key/value cache and runs
-    each option as a short continuation (then drops it from the cache); an encoder-decoder reuses the encoder
-    output and runs the decoder on each option.
+    The prompt is encoded once, and the options are scored together, in one pass per group of options: a causal LM
+    keeps the prompt's key/value cache and reads all options as one continuation whose attention mask lets each
+    option token see the prompt and the earlier tokens of its own option only; an encoder-decoder runs its decoder
+    on every (prompt, option) pair, reusing the encoder output.
     """
     mask = batch["attention_mask"]
-    rows = mask.shape[0]
-    scores = torch.zeros(rows, len(options), device=mask.device)
+    scores = torch.zeros(mask.shape[0], len(options), device=mask.device)
     if is_seq2seq(model):
-        encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask)
-        for k, option in enumerate(options):
-            labels = torch.tensor(option, device=mask.device).repeat(rows, 1)
-            logits = model(encoder_outputs=encoded, attention_mask=mask, labels=labels).logits
-            scores[:, k] = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).sum((1, 2))
+        encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        for group in option_groups(options):
+            scores[:, group] = _seq2seq_option_scores(model, encoded, mask, [options[k] for k in group])
         return scores
-    lengths = mask.sum(1, keepdim=True)
+    form = custom_mask_form(model)
     out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
-    cache = out.past_key_values
-    for k, option in enumerate(options):
-        scores[:, k] = first[:, option[0]]
-        if len(option) > 1:
-            rest = torch.tensor(option, device=mask.device).repeat(rows, 1)
-            steps = len(option) - 1
-            logits = model(input_ids=rest[:, :-1], past_key_values=cache, use_cache=True,
-                           attention_mask=torch.cat([mask, mask.new_ones(rows, steps)], 1),
-                           position_ids=lengths + torch.arange(steps, device=mask.device)).logits
-            scores[:, k] += logits.float().log_softmax(-1).gather(-1, rest[:, 1:].unsqueeze(-1)).sum((1, 2))
-            cache.crop(-steps)  # back to the prompt alone for the next option
+    scores += first[:, [option[0] for option in options]]
+    for group in option_groups(options):
+        scores[:, group] += _causal_option_scores(model, out.past_key_values, mask, [options[k] for k in group],
+                                                     form)
     return scores
+
+
+def option_groups(options: list[list[int]]) -> list[list[int]]:
+    """Indices of ``options`` in consecutive groups of at most OPTION_TOKENS_PER_PASS tokens (one option at least)."""
+    groups, tokens = [[]], 0
+    for k, option in enumerate(options):
+        if groups[-1] and tokens + len(option) > OPTION_TOKENS_PER_PASS:
+            groups, tokens = groups + [[]], 0
+        groups[-1].append(k)
+        tokens += len(option)
+    return groups
+
+
+def _seq2seq_option_scores(model, encoded: torch.Tensor, mask: torch.Tensor, options: list[list[int]]):
+    rows, width = mask.shape[0], max(map(len, options))
+    labels = torch.tensor([option + [IGNORE_INDEX] * (width - len(option)) for option in options],
+                          device=mask.device).repeat(rows, 1)  # row r * K + k: prompt r, option k
+    logits = model(encoder_outputs=(encoded.repeat_interleave(len(options), 0),),
+                   attention_mask=mask.repeat_interleave(len(options), 0), labels=labels).logits
+    return -token_nll(logits, labels).sum(1).view(rows, len(options))
+
+
+def _causal_option_scores(model, cache, mask: torch.Tensor, options: list[list[int]], form: str) -> torch.Tensor:
+    """Σ log p(option[1:]) after the cached prompt, all options in one continuation; the cache is left as it was."""
+    owner = torch.tensor([k for k, option in enumerate(options) for _ in option[1:]], device=mask.device)
+    offset = torch.tensor([j for option in options for j in range(len(option) - 1)], device=mask.device)
+    if not len(owner):  # single-token options (EOS only after the prompt): nothing more to score
+        return torch.zeros(mask.shape[0], len(options), device=mask.device)
+    inputs = torch.tensor([t for option in options for t in option[:-1]], device=mask.device)
+    targets = torch.tensor([t for option in options for t in option[1:]], device=mask.device)
+    rows, steps = mask.shape[0], len(inputs)
+    own_option = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])  # (steps, steps)
+    sees = torch.cat([mask.bool()[:, None, None, :].expand(rows, 1, steps, -1),
+                      own_option.expand(rows, 1, steps, steps)], -1)
+    if form == "eager":
+        dtype = hf_model(model).dtype
+        sees = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
+    logits = model(input_ids=inputs.expand(rows, -1), past_key_values=cache, use_cache=True, attention_mask=sees,
+                   position_ids=mask.sum(1, keepdim=True) + offset).logits
+    cache.crop(-steps)  # back to the prompt alone for the next group
+    per_token = -token_nll(logits, targets.expand(rows, -1))
+    return torch.zeros(rows, len(options), device=mask.device).index_add_(1, owner, per_token)
+
+
+def custom_mask_form(model) -> str:
+    """How the model's attention takes a custom 4D mask: ``sdpa`` (boolean, True: may attend) or ``eager``
+    (additive). Other kernels (flash attention) take none, so ranking fails here, before any work."""
+    implementation = getattr(hf_model(model).config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        raise EllaError(f"rank classification scores all label options of a prompt in one pass with a custom "
+                        f"attention mask, which {implementation} attention does not take: load the model with "
+                        "attn_implementation='sdpa' (or 'eager'), or evaluate with --eval-mode generate")
+    return implementation
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log p(target) at each position, (B, L); 0 where the target is IGNORE_INDEX."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="none").view(targets.shape)
