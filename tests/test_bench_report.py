@@ -69,7 +69,7 @@ def test_bad_suites(tmp_path, data_dir, edit, message):
         load_suite(write_suite(tmp_path, data_dir, edit(SUITE)))
 
 
-def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, monkeypatch, capsys):
+def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
     path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0])
     report = run_suite(path)
     root = tmp_path / "suite"
@@ -91,20 +91,22 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, monkeypa
     record.update(status="running", tasks_done=2, accuracy_matrix=record["accuracy_matrix"][:2],
                   task_logs=record["task_logs"][:2], eval_seconds=record["eval_seconds"][:2])
     interrupted.write_text(json.dumps(record))
-    capsys.readouterr()
-    with pytest.raises(EllaError, match="unfinished run without its checkpoint"):
+    capfd.readouterr()
+    with pytest.raises(EllaError, match="the run ella, order 2, seed 42 stopped .* The finished runs are kept"):
         run_suite(path)
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()  # each run is a process of its own: its error reaches the terminal
     assert out.count("complete, not repeated") == 3 and "ella, order 2, seed 42: resuming" in out
+    assert "unfinished run without its checkpoint" in err
 
 
-def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir):
+def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir, capfd):
     path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0].replace('methods = ["inclora", "ella"]',
                                                                               'methods = ["ella"]'))
     run_suite(path)
     path.write_text(path.read_text().replace("lam = 10.0", "lam = 20.0"))
-    with pytest.raises(EllaError, match="other settings \\(method differ"):
+    with pytest.raises(EllaError, match="stopped"):
         run_suite(path)
+    assert "other settings (method differ" in capfd.readouterr().err
 
 
 def test_report_command_on_one_run(sequence_file, tmp_path, capsys):

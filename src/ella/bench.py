@@ -1,4 +1,5 @@
-"""``ella bench SUITE.toml``: methods x orders x seeds from one config file, as ``ella run`` runs.
+"""``ella bench SUITE.toml``: methods x orders x seeds from one config file, as ``ella run`` runs (each in its own
+process).
 
 A suite file (TOML)::
 
@@ -29,6 +30,8 @@ the suite's), so re-running the suite after a crash picks up where it stopped. A
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +129,7 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
 
 def run_suite(path: str | Path) -> Path:
     """Run (or resume, or skip) every run of the suite; write the table and the report; return the report."""
-    from .cli import build_parser, command_run
+    from .cli import build_parser
     from .report import write_report
 
     suite, runs = load_suite(path)
@@ -135,12 +138,17 @@ def run_suite(path: str | Path) -> Path:
     for run in runs:  # argparse checks every run's options before the first one starts
         status = run_status(run.output_dir)
         argv = run.argv(suite) + (["--resume"] if status is not None else [])
-        args = parser.parse_args(argv)
-        args.argv = argv
-        commands.append((run, status, args))
-    for index, (run, status, args) in enumerate(commands, 1):
+        parser.parse_args(argv)
+        commands.append((run, status, argv))
+    for index, (run, status, argv) in enumerate(commands, 1):
         sequence = "the named tasks" if "tasks" in run.options else f"order {run.order}"
         print(f"[{index}/{len(runs)}] {run.label}, {sequence}, seed {run.seed}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status], flush=True)
-        command_run(args)  # with --resume: checks that the settings still match, trains only what is missing
+        # Each run in its own process, so its peak memory is its own and nothing one run leaves allocated reaches
+        # the next. With --resume, `ella run` checks that the settings still match and trains only what is missing.
+        exit_status = subprocess.run([sys.executable, "-m", "ella", *argv]).returncode
+        if exit_status:
+            raise EllaError(f"the run {run.label}, {sequence}, seed {run.seed} stopped (exit status {exit_status}; its "
+                            f"message is above). The finished runs are kept: fix the cause and run `ella bench {path}` "
+                            "again to go on from there")
     return write_report([suite["output_dir"]], suite["output_dir"])

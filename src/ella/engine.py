@@ -9,6 +9,8 @@ sets (not yet tried on several GPUs).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
 import os
@@ -296,11 +298,18 @@ def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMet
 
 
 def reset_peak_memory() -> None:
-    """Start the peak-memory count at this run, so that runs in one process (a suite) do not inherit each other's
-    peaks. On Linux, writing 5 to /proc/self/clear_refs resets the process's peak RSS."""
+    """Start the peak-memory count at this run, so that runs in one process (calls of the API) do not inherit each
+    other's peaks. On Linux, writing 5 to /proc/self/clear_refs resets the process's peak RSS; first, the memory that
+    earlier runs freed goes back to the system (glibc keeps freed memory otherwise, and it would count here)."""
+    gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
