@@ -24,7 +24,8 @@ A suite file (TOML)::
     orders = [1]                               # (optional) only these orders
 
 A run that is complete is not repeated and an interrupted one is resumed (both only if their settings still match
-the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is printed and the report written (see ``ella.report``).
+the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is
+printed and the report written (see ``ella.report``).
 """
 
 from __future__ import annotations

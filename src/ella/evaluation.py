@@ -160,7 +160,8 @@ def option_groups(options: list[list[int]]) -> list[list[int]]:
     return groups
 
 
-def _seq2seq_option_scores(model, encoded: torch.Tensor, mask: torch.Tensor, options: list[list[int]]):
+def _seq2seq_option_scores(model, encoded: torch.Tensor, mask: torch.Tensor, options: list[list[int]]) -> torch.Tensor:
+    """Σ log p(option) for every (prompt, option) pair, one decoder batch over the repeated encoder output."""
     rows, width = mask.shape[0], max(map(len, options))
     labels = torch.tensor([option + [IGNORE_INDEX] * (width - len(option)) for option in options],
                           device=mask.device).repeat(rows, 1)  # row r * K + k: prompt r, option k
