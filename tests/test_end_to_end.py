@@ -1,6 +1,9 @@
 """Whole sequences: every method on tiny causal and T5 models, and a real two-task run of SmolLM2."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,6 +32,21 @@ def test_every_method_runs_a_two_task_sequence(tasks, tmp_path, method_name, seq
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "complete" and saved["accuracy_matrix"] == result.matrix
     assert (tmp_path / "method_state.safetensors").exists() == bool(method.state_dict())
+
+
+def test_data_parallel_run_on_two_processes(sequence_file, tmp_path):
+    """`torchrun` (what `accelerate launch` runs) with two CPU processes: the training data is split between them,
+    their gradients averaged, and the main process alone writes the run and prints it."""
+    out_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ella",
+               "run", "--model", "tiny-causal", "--sequence", str(sequence_file), "--method", "ella", "--lam", "10",
+               "--batch-size", "4", "--max-length", "64", "--output-dir", str(out_dir), "--mixed-precision", "no"]
+    done = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("OA ") == 1
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["status"] == "complete" and results["processes"] == 2
+    assert [log["optimizer_steps"] for log in results["task_logs"]] == [2, 2]  # 12 examples / (4 x 2 processes)
 
 
 def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 from .bench import run_suite
 from .checkpoint import run_status
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
-from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, run_sequence
+from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, make_accelerator, run_sequence
 from .errors import EllaError
 from .evaluation import EVAL_MODES
 from .methods import METHODS, get_method
@@ -208,24 +208,28 @@ def command_run(args: argparse.Namespace) -> int:
     if args.resume and (args.overwrite or args.output_dir is None):
         raise EllaError("--resume continues the run in --output-dir: name that directory, and drop --overwrite")
     output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    accelerator = make_accelerator(training)  # one process, or one per device under `accelerate launch`
     if not args.resume:
-        _claim_output_dir(output_dir, args.overwrite)
+        _claim_output_dir(output_dir, args.overwrite, remove=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     elif args.save_model and run_status(output_dir) == "complete":
         raise EllaError(f"the run in {output_dir} finished earlier and its final model was not kept; "
                         "run it again with --overwrite --save-model")
 
     load_start = time.perf_counter()
     model, tokenizer = load_model(args.model, args.dtype)
-    print(f"ella: {args.method} on {args.model}, {source}: {len(tasks)} tasks "
-          f"({', '.join(t.name for t in tasks)}); model loaded in {time.perf_counter() - load_start:.1f} s",
-          file=sys.stderr)
+    if accelerator.is_main_process:
+        print(f"ella: {args.method} on {args.model}, {source}: {len(tasks)} tasks "
+              f"({', '.join(t.name for t in tasks)}); model loaded in {time.perf_counter() - load_start:.1f} s",
+              file=sys.stderr)
     run_info = {"command": "ella " + shlex.join(args.argv), "label": args.label or args.method, "model": args.model,
                 "dtype": args.dtype, "tasks_from": source, "benchmark": None if args.sequence else args.benchmark,
                 "order": order, "seed": args.seed, "train_per_task": args.train_per_task,
                 "test_per_task": args.test_per_task}
     model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
-                                 resume=args.resume)
-
+                                 accelerator, resume=args.resume)
+    if not accelerator.is_main_process:  # the others hold the same model and result
+        return 0
     plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
     if args.save_model:
         save_model(model, tokenizer, output_dir / "model")
@@ -256,14 +260,17 @@ def _load_tasks(args: argparse.Namespace):
     return tasks, f"{args.benchmark} order {order}", str(order)
 
 
-def _claim_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds a finished or interrupted run, unless asked to overwrite it."""
+def _claim_output_dir(path: Path, overwrite: bool, remove: bool = True) -> None:
+    """Refuse a directory that holds a finished or interrupted run, unless asked to overwrite it (then the run's
+    files go, removed by one process only: ``remove``)."""
     if path.exists() and not path.is_dir():
         raise EllaError(f"--output-dir {path} is a file, not a directory")
     if (path / "results.json").exists():
         if not overwrite:
             raise EllaError(f"{path} already holds a run (results.json); pass --resume to continue it, "
                             "--overwrite to replace it, or choose another --output-dir")
+        if not remove:
+            return
         for name in RUN_FILES:
             target = path / name
             if target.is_dir():

@@ -4,7 +4,7 @@ row of the accuracy matrix. A zero-shot row before any training is the reference
 
 accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a CPU
 or a GPU. Under ``accelerate launch`` the training is data-parallel and every process evaluates the whole test
-sets (not yet tried on several GPUs).
+sets (tried on two CPU processes, not yet on several GPUs).
 """
 
 from __future__ import annotations
@@ -240,6 +240,7 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     header = {"run": run_info or {}, "tasks": [task.name for task in tasks], "method": method.describe(),
               "training_config": asdict(training), "evaluation_config": asdict(evaluation),
               "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+              "processes": accelerator.num_processes,
               "task_details": [task.describe() for task in tasks]}
     record = checkpoint.read_run(output_dir, header) if resume and output_dir is not None else None
     if record is not None and record["tasks_done"] > 0:
@@ -248,7 +249,8 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
             model = checkpoint.load_checkpoint(output_dir, model)
             if (output_dir / checkpoint.METHOD_STATE).is_file():
                 method.load_state_dict(load_file(output_dir / checkpoint.METHOD_STATE))
-            tqdm.write(f"resuming {output_dir} after task {len(result.matrix)} of {len(tasks)}")
+            if accelerator.is_local_main_process:
+                tqdm.write(f"resuming {output_dir} after task {len(result.matrix)} of {len(tasks)}")
     else:
         result = SequenceResult([task.name for task in tasks], evaluation.mode)
         if evaluation.zero_shot:

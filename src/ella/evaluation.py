@@ -18,17 +18,13 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
 from .errors import EllaError
-from .models import is_seq2seq
+from .models import hf_model, is_seq2seq
 from .scores import ANSWER_METRICS
 
 EVAL_MODES = {
     "generate": "greedy generation, normalised exact match",
     "rank": "rank classification: the label option with the highest log-likelihood",
 }
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under any DDP / peft wrapper."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,8 +51,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ella"
 
 
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under any DDP / peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_seq2seq(model) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    return bool(getattr(hf_model(model).config, "is_encoder_decoder", False))
 
 
 def load_model(name_or_path: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
