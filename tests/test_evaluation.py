@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -106,6 +108,34 @@ def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq, attention, 
     score = evaluate_task(model, tokenizer, task, encoder, "rank", 3, Accelerator(cpu=True))
     assert score.predictions == [task.labels[i] for i in scores.argmax(1).tolist()]
     assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
+
+
+def test_processes_share_the_test_examples_and_gather_every_prediction(tasks, monkeypatch):
+    """Two processes, simulated in turn: each predicts every other example, and the gathered predictions are those
+    of one process predicting all of them, each at its example."""
+    model, tokenizer = tiny_model()
+    task = tasks[0]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    echo = lambda batch: tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)  # noqa: E731
+    monkeypatch.setattr("ella.evaluation._generation_predictor", lambda *args: echo)  # "predicts" its prompt
+    alone = evaluate_task(model, tokenizer, task, encoder, "generate", 2, Accelerator(cpu=True))
+    assert all(example.input in prediction for example, prediction in zip(task.test, alone.predictions))
+
+    class Process:  # what evaluate_task uses of an Accelerator
+        def __init__(self, index):
+            self.process_index, self.num_processes, self.device = index, 2, torch.device("cpu")
+            self.is_local_main_process = index == 0
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    shares = {}
+    for index in (1, 0):
+        monkeypatch.setattr("ella.evaluation.gather_object", lambda share: shares.setdefault(index, share) and
+                            [pair for i in sorted(shares) for pair in shares[i]])
+        together = evaluate_task(model, tokenizer, task, encoder, "generate", 2, Process(index))
+    assert sorted(i for i, _ in shares[0]) == list(range(0, len(task.test), 2))
+    assert together.predictions == alone.predictions and together.accuracy == alone.accuracy
 
 
 def test_option_groups_bound_the_tokens_of_one_pass(monkeypatch):

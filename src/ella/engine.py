@@ -3,8 +3,8 @@ method's penalty), the method closes the task, and every task of the sequence is
 row of the accuracy matrix. A zero-shot row before any training is the reference of FWT.
 
 accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a CPU
-or a GPU. Under ``accelerate launch`` the training is data-parallel and every process evaluates the whole test
-sets (tried on two CPU processes, not yet on several GPUs).
+or a GPU. Under ``accelerate launch`` the training is data-parallel and the processes share the test examples
+(tried on two CPU processes, not yet on several GPUs).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
@@ -66,54 +67,60 @@ def batches(items: list, batch_size: int):
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str, batch_size: int,
                   accelerator, max_new_tokens: int | None = None, progress: str = "") -> TaskScore:
-    """The score (%) of ``model`` on ``task.test`` by the task's metric, and the prediction for each example."""
+    """The score (%) of ``model`` on ``task.test`` by the task's metric, and the prediction for each example.
+
+    Under several processes each one predicts its share of the examples and all of them receive every prediction.
+    """
     if mode not in EVAL_MODES:
         raise EllaError(f"unknown evaluation mode {mode!r}: choose one of {', '.join(EVAL_MODES)}")
     model.eval()
     if mode == "rank":
-        predictions = _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress)
+        predict = _rank_predictor(model, task, encoder)
     else:
         new_tokens = max_new_tokens or encoder.longest_target + 4  # room for trailing punctuation
-        predictions = _generate(model, tokenizer, task, encoder, batch_size, accelerator, new_tokens, progress)
+        predict = _generation_predictor(model, tokenizer, encoder, new_tokens)
+    prompts = encoder.generation(task.test)
+    share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    predicted = []  # (example index, prediction) of this process's share
+    for positions in tqdm(list(batches([prompts[i] for i in share], batch_size)), desc=progress, leave=False,
+                          disable=not accelerator.is_local_main_process):
+        indices = [share[p] for p in positions]
+        batch = collate([prompts[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model))
+        with accelerator.autocast():
+            predicted += zip(indices, predict({k: v.to(accelerator.device) for k, v in batch.items()}))
+    predictions = [""] * len(prompts)
+    for i, prediction in gather_object(predicted):
+        predictions[i] = prediction
     score = ANSWER_METRICS[task.metric]
     return TaskScore(sum(score(p, e) for p, e in zip(predictions, task.test)) / len(task.test), predictions)
 
 
-def _generate(model, tokenizer, task, encoder, batch_size, accelerator, max_new_tokens, progress) -> list[str]:
+def _generation_predictor(model, tokenizer, encoder: TaskEncoder, max_new_tokens: int):
+    """Batch -> greedy continuations, as text."""
     seq2seq = is_seq2seq(model)
     config = copy.deepcopy(hf_model(model).generation_config)
     config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                   top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    prompts = encoder.generation(task.test)
-    predictions = [""] * len(prompts)
-    for indices in tqdm(list(batches(prompts, batch_size)), desc=progress, leave=False,
-                        disable=not accelerator.is_local_main_process):
-        batch = {k: v.to(accelerator.device) for k, v in
-                 collate([prompts[i] for i in indices], tokenizer.pad_token_id, seq2seq).items()}
-        with accelerator.autocast():
-            out = model.generate(**batch, generation_config=config)
+
+    def predict(batch: dict[str, torch.Tensor]) -> list[str]:
+        out = model.generate(**batch, generation_config=config)
         continuation = out if seq2seq else out[:, batch["input_ids"].shape[1]:]
-        for i, text in zip(indices, tokenizer.batch_decode(continuation, skip_special_tokens=True)):
-            predictions[i] = text.strip()
-    return predictions
+        return [text.strip() for text in tokenizer.batch_decode(continuation, skip_special_tokens=True)]
+
+    return predict
 
 
-def _rank(model, tokenizer, task, encoder, batch_size, accelerator, progress) -> list[str]:
+def _rank_predictor(model, task: Task, encoder: TaskEncoder):
+    """Batch -> the most likely label of each prompt."""
     if not task.labels:
         raise EllaError(f"rank classification needs a label set, and task {task.name} has none; "
                         "give the task \"labels\" or use --eval-mode generate")
     options = [encoder.target_ids(label) for label in task.labels]
-    prompts = encoder.generation(task.test)
-    predictions = [""] * len(prompts)
-    for indices in tqdm(list(batches(prompts, batch_size)), desc=progress, leave=False,
-                        disable=not accelerator.is_local_main_process):
-        batch = {k: v.to(accelerator.device) for k, v in
-                 collate([prompts[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model)).items()}
-        with accelerator.autocast():
-            scores = option_log_likelihoods(model, batch, options)
-        for i, best in zip(indices, scores.argmax(1).tolist()):
-            predictions[i] = task.labels[best]
-    return predictions
+
+    def predict(batch: dict[str, torch.Tensor]) -> list[str]:
+        return [task.labels[best] for best in option_log_likelihoods(model, batch, options).argmax(1).tolist()]
+
+    return predict
 
 
 OPTION_TOKENS_PER_PASS = 256  # scored option tokens per prompt in one forward pass: bounds the logits' memory
