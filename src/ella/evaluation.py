@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
+from .data import IGNORE_INDEX, Task, TaskEncoder, collate
 from .errors import EllaError
 from .models import hf_model, is_seq2seq
 from .scores import ANSWER_METRICS
@@ -78,7 +78,7 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
         predict = _rank_predictor(model, task, encoder)
     else:
         new_tokens = max_new_tokens or encoder.longest_target + 4  # room for trailing punctuation
-        predict = _generation_predictor(model, tokenizer, encoder, new_tokens)
+        predict = _generation_predictor(model, tokenizer, new_tokens)
     prompts = encoder.generation(task.test)
     share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     predicted = []  # (example index, prediction) of this process's share
@@ -95,7 +95,7 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     return TaskScore(sum(score(p, e) for p, e in zip(predictions, task.test)) / len(task.test), predictions)
 
 
-def _generation_predictor(model, tokenizer, encoder: TaskEncoder, max_new_tokens: int):
+def _generation_predictor(model, tokenizer, max_new_tokens: int):
     """Batch -> greedy continuations, as text."""
     seq2seq = is_seq2seq(model)
     config = copy.deepcopy(hf_model(model).generation_config)
