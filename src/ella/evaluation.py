@@ -28,6 +28,11 @@ EVAL_MODES = {
 }
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: each row's first real token is at position 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative log-likelihood of each answer token, (B, K), and the mask of real answer tokens, (B, K).
 
@@ -45,7 +50,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
         keeps_logits = "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
         kept = {"logits_to_keep": k + 1} if keeps_logits else {}
         out = model(input_ids=batch["input_ids"], attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **kept)
+                    position_ids=positions(mask), **kept)
         logits = out.logits[:, -(k + 1):-1]
         targets = labels[:, -k:]
     return token_nll(logits, targets), targets != IGNORE_INDEX
@@ -81,11 +86,12 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
         predict = _generation_predictor(model, tokenizer, new_tokens)
     prompts = encoder.generation(task.test)
     share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
+    seq2seq = is_seq2seq(model)
     predicted = []  # (example index, prediction) of this process's share
     for positions in tqdm(list(batches([prompts[i] for i in share], batch_size)), desc=progress, leave=False,
                           disable=not accelerator.is_local_main_process):
         indices = [share[p] for p in positions]
-        batch = collate([prompts[i] for i in indices], tokenizer.pad_token_id, is_seq2seq(model))
+        batch = collate([prompts[i] for i in indices], tokenizer.pad_token_id, seq2seq)
         with accelerator.autocast():
             predicted += zip(indices, predict({k: v.to(accelerator.device) for k, v in batch.items()}))
     predictions = [""] * len(prompts)
@@ -142,8 +148,8 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
             scores[:, group] = _seq2seq_option_scores(model, encoded, mask, [options[k] for k in group])
         return scores
     form = custom_mask_form(model)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
     scores += first[:, [option[0] for option in options]]
     for group in option_groups(options):
