@@ -228,8 +228,17 @@ def command_run(args: argparse.Namespace) -> int:
                 "test_per_task": args.test_per_task}
     model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
                                  accelerator, resume=args.resume)
-    if not accelerator.is_main_process:  # the others hold the same model and result
-        return 0
+    if accelerator.is_main_process:  # the others hold the same model and result
+        _report_run(args, tasks, model, tokenizer, result, output_dir)
+    # Every process stays until the run is written, then leaves the process group: a process that exits while
+    # still in it can abort in the collective backend's teardown.
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _report_run(args: argparse.Namespace, tasks, model, tokenizer, result, output_dir: Path) -> None:
+    """Plot, keep the model if asked, and print the matrix and metrics."""
     plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
     if args.save_model:
         save_model(model, tokenizer, output_dir / "model")
@@ -242,7 +251,6 @@ def command_run(args: argparse.Namespace) -> int:
     print(format_matrix(result))
     print(format_metrics(result))
     print(f"results: {output_dir / 'results.json'}  heat-map: {plot}")
-    return 0
 
 
 def _load_tasks(args: argparse.Namespace):
