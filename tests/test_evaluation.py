@@ -3,6 +3,7 @@ import contextlib
 import pytest
 import torch
 from accelerate import Accelerator
+from transformers import MistralConfig, MistralForCausalLM
 
 from ella import EllaError
 from ella.data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
@@ -149,6 +150,29 @@ def test_rank_refuses_an_attention_without_custom_masks(tasks):
     encoder = TaskEncoder(tokenizer, tasks[1], max_length=64, seq2seq=False)
     with pytest.raises(EllaError, match="attn_implementation='sdpa'.*--eval-mode generate"):
         evaluate_task(model, tokenizer, tasks[1], encoder, "rank", 4, Accelerator(cpu=True))
+
+
+def test_rank_stays_within_a_sliding_attention_window(tasks):
+    """A custom mask overrides a sliding window, so options are ranked only while prompt and option fit inside it
+    (then they equal the full sequences' log-likelihoods under the model's own windowed mask), refused beyond."""
+    _, tokenizer = tiny_model()
+    task = tasks[1]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    prompts = collate(encoder.generation(task.test[:2]), tokenizer.pad_token_id, False)
+    options = [encoder.target_ids(label) for label in task.labels]
+    longest = int(prompts["attention_mask"].sum(1).max()) + max(map(len, options)) - 1
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, sliding_window=longest)
+    model = MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        scores = option_log_likelihoods(model, prompts, options)
+        full = encoder.training([Example(task.test[0].input, label) for label in task.labels])
+        nll, mask = answer_token_nll(model, collate(full, tokenizer.pad_token_id, False))
+        torch.testing.assert_close(scores[0], -(nll * mask).sum(1), rtol=1e-4, atol=1e-4)
+        model.config.sliding_window = longest - 1
+        with pytest.raises(EllaError, match=f"sliding attention window \\({longest - 1} tokens.*--eval-mode generate"):
+            option_log_likelihoods(model, prompts, options)
 
 
 def test_rank_needs_labels(tasks):

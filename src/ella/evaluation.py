@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .data import IGNORE_INDEX, Task, TaskEncoder, collate
 from .errors import EllaError
@@ -148,8 +149,15 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
             scores[:, group] = _seq2seq_option_scores(model, encoded, mask, [options[k] for k in group])
         return scores
     form = custom_mask_form(model)
+    window = sliding_window(model)
+    longest = int(mask.sum(1).max()) + max(map(len, options)) - 1  # prompt + option, less its last target (EOS)
+    if window is not None and longest > window:
+        raise EllaError(f"rank classification would let the label options see farther back than this model's "
+                        f"sliding attention window ({window} tokens; prompt and option take {longest}): evaluate "
+                        "with --eval-mode generate, or lower --max-length below the window")
+    # Full cache layers even for sliding-window ones: each group of options is cropped off again after its pass.
     out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask), use_cache=True,
-                logits_to_keep=1)
+                past_key_values=DynamicCache(), logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
     scores += first[:, [option[0] for option in options]]
     for group in option_groups(options):
@@ -210,6 +218,16 @@ def custom_mask_form(model) -> str:
                         f"attention mask, which {implementation} attention does not take: load the model with "
                         "attn_implementation='sdpa' (or 'eager'), or evaluate with --eval-mode generate")
     return implementation
+
+
+def sliding_window(model) -> int | None:
+    """The window of the model's sliding-attention layers, None when every layer sees the whole sequence. A custom
+    4D mask replaces the window in those layers, so ranking must stay within it."""
+    config = hf_model(model).config
+    window, layer_types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if getattr(config, "use_sliding_window", True) is False or (layer_types and "sliding_attention" not in layer_types):
+        return None
+    return window
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
