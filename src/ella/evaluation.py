@@ -89,9 +89,9 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
     seq2seq = is_seq2seq(model)
     predicted = []  # (example index, prediction) of this process's share
-    for positions in tqdm(list(batches([prompts[i] for i in share], batch_size)), desc=progress, leave=False,
-                          disable=not accelerator.is_local_main_process):
-        indices = [share[p] for p in positions]
+    for places in tqdm(list(batches([prompts[i] for i in share], batch_size)), desc=progress, leave=False,
+                       disable=not accelerator.is_local_main_process):  # places: indices into the share
+        indices = [share[p] for p in places]
         batch = collate([prompts[i] for i in indices], tokenizer.pad_token_id, seq2seq)
         with accelerator.autocast():
             predicted += zip(indices, predict({k: v.to(accelerator.device) for k, v in batch.items()}))
