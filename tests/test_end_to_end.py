@@ -1,9 +1,6 @@
 """Whole sequences: every method on tiny causal and T5 models, and a real two-task run of SmolLM2."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,27 +29,6 @@ def test_every_method_runs_a_two_task_sequence(tasks, tmp_path, method_name, seq
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "complete" and saved["accuracy_matrix"] == result.matrix
     assert (tmp_path / "method_state.safetensors").exists() == bool(method.state_dict())
-
-
-def test_data_parallel_run_on_two_processes(sequence_file, tmp_path):
-    """`torchrun` (what `accelerate launch` runs) with two CPU processes: the training data is split between them,
-    their gradients averaged, each evaluates half of the test examples and receives the other half's predictions,
-    and the main process alone writes the run and prints it."""
-    options = ["--model", "tiny-causal", "--sequence", str(sequence_file), "--method", "ella", "--lam", "10",
-               "--batch-size", "4", "--max-length", "64", "--eval-mode", "rank", "--mixed-precision", "no"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ella",
-               "run", *options, "--output-dir", str(tmp_path / "two")]
-    done = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("OA ") == 1
-    assert main(["run", *options, "--output-dir", str(tmp_path / "one")]) == 0
-    two, one = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("two", "one"))
-    assert two["status"] == "complete" and (two["processes"], one["processes"]) == (2, 1)
-    assert [log["optimizer_steps"] for log in two["task_logs"]] == [2, 2]  # 12 examples / (4 x 2 processes)
-    assert [log["optimizer_steps"] for log in one["task_logs"]] == [3, 3]
-    assert two["zero_shot"] == one["zero_shot"]  # the same model, its test examples split and gathered back
-    predictions = (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 12 and all(json.loads(line)["prediction"] for line in predictions)
 
 
 def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):

@@ -17,7 +17,7 @@ from .methods import ELLA, METHODS, ContinualMethod, IncLoRA, SeqFT, SeqLoRA, ge
 from .metrics import summarize
 from .models import load_model, save_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ELLA", "METHODS", "ContinualMethod", "EllaError", "EvaluationConfig", "Example", "IncLoRA", "SeqFT",
            "SeqLoRA", "SequenceResult", "Task", "TrainingConfig", "get_method", "load_cl_benchmark", "load_model",
            "load_task_sequence", "register", "run_sequence", "save_model", "summarize"]

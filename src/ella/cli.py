@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import shutil
 import sys
 import time
 import typing
@@ -14,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from .bench import run_suite
-from .checkpoint import run_status
+from .checkpoint import check_output_dir, run_status
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, make_accelerator, run_sequence
 from .errors import EllaError
@@ -22,10 +21,6 @@ from .evaluation import EVAL_MODES
 from .methods import METHODS, get_method
 from .models import BUILTIN_MODELS, DTYPES, load_model, save_model
 from .report import format_matrix, format_metrics, plot_matrix, write_report
-
-RUN_FILES = ("results.json", "method_state.safetensors", "predictions.jsonl", "accuracy_matrix.png", "model",
-             "checkpoint")
-
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
@@ -116,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1, help="epochs per task")
     train.add_argument("--lr", type=float, default=None,
                        help="learning rate (default: the method's, 1e-3 for LoRA methods, 5e-5 for seqft)")
-    train.add_argument("--batch-size", type=int, default=8, help="training batch size (per device)")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    train.add_argument("--batch-size", type=int, default=8,
+                       help="examples per micro-batch over all processes (each process trains on its share)")
+    train.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches per optimiser step (the step's loss is the mean over all their answer "
+                            "tokens)")
     train.add_argument("--max-length", type=int, default=512,
                        help="max tokens of prompt + answer; longer inputs are truncated")
     train.add_argument("--warmup-ratio", type=float, default=0.1,
@@ -205,14 +203,12 @@ def command_run(args: argparse.Namespace) -> int:
     evaluation = EvaluationConfig(mode=args.eval_mode, batch_size=args.eval_batch_size,
                                   max_new_tokens=args.max_new_tokens, zero_shot=not args.no_zero_shot)
     tasks, source, order = _load_tasks(args)
-    if args.resume and (args.overwrite or args.output_dir is None):
-        raise EllaError("--resume continues the run in --output-dir: name that directory, and drop --overwrite")
+    if args.resume and args.output_dir is None:
+        raise EllaError("--resume continues the run in --output-dir: name that directory")
     output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output_dir(output_dir, args.resume, args.overwrite)  # before the model loads; run_sequence claims it
     accelerator = make_accelerator(training)  # one process, or one per device under `accelerate launch`
-    if not args.resume:
-        _claim_output_dir(output_dir, args.overwrite, remove=accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-    elif args.save_model and run_status(output_dir) == "complete":
+    if args.resume and args.save_model and run_status(output_dir) == "complete":
         raise EllaError(f"the run in {output_dir} finished earlier and its final model was not kept; "
                         "run it again with --overwrite --save-model")
 
@@ -227,7 +223,7 @@ def command_run(args: argparse.Namespace) -> int:
                 "order": order, "seed": args.seed, "train_per_task": args.train_per_task,
                 "test_per_task": args.test_per_task}
     model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
-                                 accelerator, resume=args.resume)
+                                 accelerator, resume=args.resume, overwrite=args.overwrite)
     if accelerator.is_main_process:  # the others hold the same model and result
         _report_run(args, tasks, model, tokenizer, result, output_dir)
     # Every process stays until the run is written, then leaves the process group: a process that exits while
@@ -266,25 +262,6 @@ def _load_tasks(args: argparse.Namespace):
     if args.tasks:
         return tasks, f"CL benchmark tasks {','.join(args.tasks)}", None
     return tasks, f"{args.benchmark} order {order}", str(order)
-
-
-def _claim_output_dir(path: Path, overwrite: bool, remove: bool = True) -> None:
-    """Refuse a directory that holds a finished or interrupted run, unless asked to overwrite it (then the run's
-    files go, removed by one process only: ``remove``)."""
-    if path.exists() and not path.is_dir():
-        raise EllaError(f"--output-dir {path} is a file, not a directory")
-    if (path / "results.json").exists():
-        if not overwrite:
-            raise EllaError(f"{path} already holds a run (results.json); pass --resume to continue it, "
-                            "--overwrite to replace it, or choose another --output-dir")
-        if not remove:
-            return
-        for name in RUN_FILES:
-            target = path / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,34 +3,36 @@ method's penalty), the method closes the task, and every task of the sequence is
 row of the accuracy matrix. A zero-shot row before any training is the reference of FWT.
 
 accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a CPU
-or a GPU. Under ``accelerate launch`` the training is data-parallel and the processes share the test examples
-(tried on two CPU processes, not yet on several GPUs).
+or a GPU. Under ``accelerate launch`` (or ``torchrun``) the training is data-parallel: every process computes the
+same global batches and trains on its share of each, so the training is the one a single process would run (to
+float rounding; tested on two CPU processes, not yet on several GPUs), and the processes share the test examples.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
 import math
 import os
 import platform
 import resource
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from . import checkpoint, metrics
-from .data import Encoded, Task, TaskEncoder, collate
+from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task
 from .methods import ContinualMethod, TaskData
@@ -43,7 +45,7 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 class TrainingConfig:
     epochs: int = 1
     learning_rate: float | None = None  # None: the method's default (1e-3 for the LoRA methods)
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch, over all processes: the results do not depend on their number
     grad_accum: int = 1  # micro-batches per optimiser step
     max_length: int = 512  # tokens of prompt + answer; only the input text is truncated
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of each task's steps, then constant
@@ -128,8 +130,8 @@ def resolve_mixed_precision(choice: str) -> str:
 
 
 def make_accelerator(training: TrainingConfig) -> Accelerator:
-    return Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision),
-                       gradient_accumulation_steps=training.grad_accum)
+    """Devices and mixed precision. Gradient accumulation is ella's own (``train_task``), not accelerate's."""
+    return Accelerator(mixed_precision=resolve_mixed_precision(training.mixed_precision))
 
 
 def task_data(items: list[Encoded], num_steps: int, tokenizer, seq2seq: bool, device) -> TaskData:
@@ -143,63 +145,169 @@ def task_data(items: list[Encoded], num_steps: int, tokenizer, seq2seq: bool, de
     return TaskData(items, num_steps, batches)
 
 
+def training_schedule(num_items: int, config: TrainingConfig, task_index: int) -> list[list[list[int]]]:
+    """The task's optimiser steps, each a list of micro-batches of example indices: every epoch a seeded shuffle
+    (the permutations of a ``DataLoader(shuffle=True)`` with this generator), cut into micro-batches of
+    ``batch_size``, ``grad_accum`` of them per step (the last step of an epoch may have fewer).
+
+    The batches are global: under data parallelism every process computes the same schedule and trains on its
+    share of each micro-batch, so the training does not depend on the number of processes."""
+    generator = torch.Generator().manual_seed(config.seed + task_index)
+    steps = []
+    for _ in range(config.epochs):
+        # the draws of a DataLoader's epoch: its base seed, the permutation, a last (empty) one of RandomSampler
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(num_items, generator=generator).tolist()
+        torch.randperm(num_items, generator=generator)
+        micro = [order[i:i + config.batch_size] for i in range(0, num_items, config.batch_size)]
+        steps += [micro[i:i + config.grad_accum] for i in range(0, len(micro), config.grad_accum)]
+    return steps
+
+
+class ProcessShare:
+    """This process's rows of a global micro-batch: a contiguous slice, as even as possible. A process left without
+    a row (a batch smaller than the number of processes) runs the batch's first row with weight 0, so that it still
+    takes part in the gradient averaging."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.rank, self.processes = accelerator.process_index, accelerator.num_processes
+        self.rows, self.global_rows, self.weight = slice(0, 0), 0, 1.0
+
+    def select(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        size = len(batch["input_ids"])
+        start, end = (size * self.rank) // self.processes, (size * (self.rank + 1)) // self.processes
+        self.global_rows, self.weight = size, 1.0 if end > start else 0.0
+        self.rows = slice(start, end) if end > start else slice(0, 1)
+        return {key: value[self.rows] for key, value in batch.items()}
+
+
+@contextmanager
+def process_invariant_dropout(share: ProcessShare):
+    """Dropout masks that do not depend on the number of processes, for the duration of a task's training.
+
+    Under data parallelism ``torch.nn.functional.dropout`` draws the mask of the whole global batch, exactly as a
+    single process would (the processes' random states are the same), and applies this process's rows of it; this
+    covers ``nn.Dropout`` layers (LoRA's) and models that call it directly. Attention dropout inside the fused
+    ``scaled_dot_product_attention`` kernel draws its own masks, so while training, an attention with dropout
+    (T5's, ``dropout_p > 0``) is computed by SDPA's reference formula, softmax(QKᵀ·scale + mask) → dropout → ·V,
+    on any number of processes. Attention without dropout (LLaMA's, SmolLM2's) keeps the fused kernel."""
+    real_dropout, real_attention = F.dropout, F.scaled_dot_product_attention
+
+    def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
+        if not training or p == 0:
+            return real_dropout(input, p, training, inplace)
+        if input.shape[0] != share.rows.stop - share.rows.start:
+            raise RuntimeError(f"a dropout input of shape {tuple(input.shape)} is not batch-first; ella's "
+                               "data-parallel dropout needs the batch as the first dimension")
+        mask = real_dropout(input.new_ones((share.global_rows, *input.shape[1:])), p, True)[share.rows]
+        return input.mul_(mask) if inplace else input * mask
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p == 0:
+            return real_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
+                                  scale=scale, enable_gqa=enable_gqa)
+        if enable_gqa:
+            key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+            value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+        scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        return F.dropout(scores.softmax(-1), dropout_p, True) @ value
+
+    F.scaled_dot_product_attention = attention
+    if share.processes > 1:
+        F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = real_dropout, real_attention
+
+
+class TrainingDiverged(EllaError):
+    """A non-finite loss or penalty: the run stops; the tasks finished before stay saved."""
+
+
 def train_task(model, method: ContinualMethod, task_index: int, task: Task, items: list[Encoded],
                tokenizer, accelerator: Accelerator, config: TrainingConfig, num_tasks: int):
-    """Train one task under the method's hooks; returns the model after ``method.finish`` and a log."""
+    """Train one task under the method's hooks; returns the model after ``method.finish`` and a log.
+
+    An optimiser step minimises the mean negative log-likelihood of the answer tokens of all its micro-batches
+    and processes together (plus the method's penalty, once per step): the same step whatever the split into
+    micro-batches (``grad_accum``) and processes."""
     log = {"task": task.name, "examples": len(items)}
     if not items:  # e.g. the MTL upper bound, which learns every task at the first one
         return model, {**log, "optimizer_steps": 0}
     start = time.perf_counter()
     seq2seq = is_seq2seq(model)
-    per_process = math.ceil(len(items) / (config.batch_size * accelerator.num_processes))
-    steps = math.ceil(per_process / config.grad_accum) * config.epochs
-    data = task_data(items, steps, tokenizer, seq2seq, accelerator.device)
+    schedule = training_schedule(len(items), config, task_index)
+    data = task_data(items, len(schedule), tokenizer, seq2seq, accelerator.device)
     model = method.prepare(model, task_index, task, data)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError(f"method {method.name} left no trainable parameters for task {task.name}")
-    loader = DataLoader(items, batch_size=config.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(config.seed + task_index),
-                        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id, seq2seq))
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate or method.default_learning_rate,
                                   weight_decay=config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    scheduler = accelerator.prepare(get_constant_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps)))
+    # Stepped once per optimiser step here: a scheduler prepared by accelerate steps once per process.
+    scheduler = get_constant_schedule_with_warmup(optimizer, int(config.warmup_ratio * len(schedule)))
+    model, optimizer = accelerator.prepare(model, optimizer)
     raw = accelerator.unwrap_model(model)  # what the method's hooks see: no DDP wrapper
-    losses, penalties = [], []
+    share = ProcessShare(accelerator)
+    curve = {"loss": [], "penalty": [], "learning_rate": []}
     model.train()
-    bar = tqdm(total=len(loader) * config.epochs, desc=f"train {task_index + 1}/{num_tasks} {task.name}",
+    bar = tqdm(total=len(schedule), desc=f"train {task_index + 1}/{num_tasks} {task.name}",
                disable=not accelerator.is_local_main_process, leave=False)
-    for _ in range(config.epochs):
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    nll, mask = answer_token_nll(model, batch)
-                    task_loss = nll.sum() / mask.sum()
-                penalty = method.penalty(raw)
-                accelerator.backward(task_loss + penalty)
-                method.after_backward(raw)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                if accelerator.sync_gradients:
-                    method.after_step(raw)
-            losses.append(task_loss.item())
-            penalties.append(penalty.item())
+    with process_invariant_dropout(share):
+        for step, micro_batches in enumerate(schedule, 1):
+            batches = [collate([items[i] for i in indices], tokenizer.pad_token_id, seq2seq)
+                       for indices in micro_batches]
+            answer_tokens = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
+            nll_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                local = {key: value.to(accelerator.device) for key, value in share.select(batch).items()}
+                with accelerator.no_sync(model) if not last else nullcontext():
+                    with accelerator.autocast():
+                        nll, _ = answer_token_nll(model, local)
+                        local_sum = nll.sum() * share.weight
+                    # gradients are averaged over the processes: each contributes its sum / (all tokens / processes)
+                    task_loss = local_sum / (answer_tokens / share.processes)
+                    penalty = method.penalty(raw) if last else torch.zeros((), device=accelerator.device)
+                    accelerator.backward(task_loss + penalty)
+                nll_sum += local_sum.detach()
+            loss = (accelerator.reduce(nll_sum, "sum") / answer_tokens).item()
+            curve["loss"].append(loss)
+            curve["penalty"].append(penalty.item())
+            curve["learning_rate"].append(scheduler.get_last_lr()[0])
+            if not (math.isfinite(loss) and math.isfinite(curve["penalty"][-1])):
+                raise TrainingDiverged(
+                    f"training diverged on task {task_index + 1} ({task.name}) at step {step} of {len(schedule)}: "
+                    f"the loss is {loss:g} and the penalty {curve['penalty'][-1]:g}; the tasks finished before "
+                    "stay saved. Lower the learning rate (or the penalty weight) and start again, or resume "
+                    "after fixing the cause")
+            method.after_backward(raw)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            method.after_step(raw)
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", penalty=f"{penalties[-1]:.3g}")
+            bar.set_postfix(loss=f"{loss:.3f}", penalty=f"{curve['penalty'][-1]:.3g}")
     bar.close()
     model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()  # drop the task's optimizer state
     trained = time.perf_counter()
     model = method.finish(model, task_index, task, data)
+    losses = curve["loss"]
     tenth = max(1, len(losses) // 10)
-    log.update({"optimizer_steps": steps, "loss_start": sum(losses[:tenth]) / tenth,
-                "loss_end": sum(losses[-tenth:]) / tenth, "penalty_mean": sum(penalties) / len(penalties),
+    log.update({"optimizer_steps": len(schedule), "loss_start": sum(losses[:tenth]) / tenth,
+                "loss_end": sum(losses[-tenth:]) / tenth, "penalty_mean": sum(curve["penalty"]) / len(losses),
                 "train_seconds": trained - start, "finish_seconds": time.perf_counter() - trained,
-                **method.report()})
+                "steps": curve, **method.report()})
     return model, log
 
 
@@ -217,12 +325,13 @@ def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEn
 def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
-                 accelerator: Accelerator | None = None, resume: bool = False):
+                 accelerator: Accelerator | None = None, resume: bool = False, overwrite: bool = False):
     """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
 
-    With ``output_dir``, results.json, the method's state and a checkpoint are written after every task (see
-    ``ella.checkpoint``), so a crash loses at most the task in progress; ``resume=True`` continues such a run from
-    its last finished task (with the same settings). ``run_info`` is stored in results.json as given.
+    With ``output_dir``, every finished task is committed there (see ``ella.checkpoint``), so a crash loses at
+    most the task in progress. A directory that already holds a run is refused unless ``resume=True`` (continue it
+    from its last finished task, with the same settings: it ends exactly as the uninterrupted run) or
+    ``overwrite=True`` (replace it). ``run_info`` is stored in results.json as given.
     """
     training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
     if not tasks:
@@ -231,6 +340,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     started = time.perf_counter()
     set_seed(training.seed)
     accelerator = accelerator or make_accelerator(training)
+    if output_dir is not None:
+        checkpoint.claim_output_dir(output_dir, resume, overwrite, remove_files=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
     reset_peak_memory()
     model = model.to(accelerator.device)
     method.setup(model, tasks)
@@ -238,17 +350,25 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     encoders = [TaskEncoder(tokenizer, task, training.max_length, seq2seq) for task in tasks]
     sequence = [encoder.training(task.train) for task, encoder in zip(tasks, encoders)]
     header = {"run": run_info or {}, "tasks": [task.name for task in tasks], "method": method.describe(),
-              "training_config": asdict(training), "evaluation_config": asdict(evaluation),
-              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
-              "processes": accelerator.num_processes,
+              "model": model_identity(model), "training_config": asdict(training),
+              "evaluation_config": asdict(evaluation), "mixed_precision": accelerator.mixed_precision,
+              "device": str(accelerator.device), "processes": accelerator.num_processes,
               "task_details": [task.describe() for task in tasks]}
-    record = checkpoint.read_run(output_dir, header) if resume and output_dir is not None else None
-    if record is not None and record["tasks_done"] > 0:
-        result = SequenceResult.from_record(record)
+    saved = None
+    if resume and output_dir is not None:
+        if accelerator.is_main_process:
+            checkpoint.finish_interrupted_save(output_dir)
+        accelerator.wait_for_everyone()
+        saved = checkpoint.read_run(output_dir, header)
+    if saved is not None:
+        result = SequenceResult.from_record(saved.record)
         if not result.complete:
-            model = checkpoint.load_checkpoint(output_dir, model)
-            if (output_dir / checkpoint.METHOD_STATE).is_file():
-                method.load_state_dict(load_file(output_dir / checkpoint.METHOD_STATE))
+            model = saved.load_model(model)
+            try:
+                method.load_state_dict(saved.method_state())
+            except (KeyError, RuntimeError, ValueError) as e:
+                raise EllaError(f"the method state in {saved.directory} does not fit {method.name} on this model "
+                                f"({e}); resume with the settings the run was made with") from None
             if accelerator.is_local_main_process:
                 tqdm.write(f"resuming {output_dir} after task {len(result.matrix)} of {len(tasks)}")
     else:
@@ -274,29 +394,29 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     return model, result
 
 
+def model_identity(model: torch.nn.Module) -> dict:
+    """What a resumed run must share with the model it was started with: its type and every weight's name and
+    shape (as a digest)."""
+    shapes = "\n".join(f"{name} {tuple(p.shape)}" for name, p in model.state_dict().items())
+    return {"type": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_sha256": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+
+
 def save_progress(output_dir: Path, result: SequenceResult, method: ContinualMethod, header: dict,
                   model: torch.nn.Module, tasks: list[Task]) -> None:
-    """results.json, the method's state, and the checkpoint (or, once complete, the last row's predictions)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Commit the run after its latest task (``checkpoint.commit``): the record, the method's state, and the model
+    to resume from, or, once complete, the last row's predictions."""
     state = method.state_dict()
-    if state:
-        checkpoint.write_method_state(output_dir / checkpoint.METHOD_STATE, state,
-                                      {"method": method.name, "tasks_done": str(len(result.matrix))})
+    predictions = None
     if result.complete:
-        lines = [json.dumps({"task": task.name, "input": example.input, "target": example.output,
-                             "prediction": prediction})
-                 for task, predictions in zip(tasks, result.final_predictions)
-                 for example, prediction in zip(task.test, predictions)]
-        checkpoint.atomic_write(output_dir / checkpoint.PREDICTIONS,
-                                lambda path: path.write_text("\n".join(lines) + "\n"))
-    else:
-        checkpoint.save_checkpoint(output_dir, model)
+        predictions = [json.dumps({"task": task.name, "input": example.input, "target": example.output,
+                                   "prediction": prediction})
+                       for task, row in zip(tasks, result.final_predictions)
+                       for example, prediction in zip(task.test, row)]
     record = {**header, **result.to_dict(), "status": "complete" if result.complete else "running",
               "tasks_done": len(result.matrix), "method_state_bytes": sum(v.nbytes for v in state.values()),
               "peak_memory": peak_memory(), "versions": versions()}
-    checkpoint.write_json(output_dir / checkpoint.RESULTS, record)  # last: it marks the task as done
-    if result.complete:
-        checkpoint.finish_run(output_dir)
+    checkpoint.commit(output_dir, record, state, None if result.complete else model, predictions)
 
 
 def reset_peak_memory() -> None:

@@ -23,7 +23,7 @@ from ..data import Task
 from ..errors import EllaError
 from .base import TaskData, hyperparameter, parse_bool, register
 from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, lora_layers
+from .lora import LoraHyperparameters, check_state_fits, lora_layers
 from .w_past import REPRESENTATIONS, LowRank, PastUpdates, dense
 
 REDUCTIONS = ("sum", "mean")
@@ -107,7 +107,9 @@ class ELLA(IncLoRA):
         self.lam_now = lam[task_index] if isinstance(lam, list) else lam
         self.adapter = task_adapter(task_index)
         self.w_past.to(next(model.parameters()).device)
-        return super().prepare(model, task_index, task, data)
+        model = super().prepare(model, task_index, task, data)
+        check_state_fits(self.name, self.w_past.shapes(), lora_layers(model, self.adapter))
+        return model
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         if not self.w_past or self.lam_now == 0:  # the first task: W_past = 0

@@ -83,10 +83,13 @@ class EWC(SeqLoRA):
     def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
                 data: TaskData | None = None) -> torch.nn.Module:
         model = super().prepare(model, task_index, task, data)
-        missing = sorted(set(self.fisher) - set(trainable_parameters(model)))
-        if missing:
-            raise EllaError(f"the EWC state names {len(missing)} parameters that do not train in this model, e.g. "
-                            f"{missing[0]}; load a state saved with the same model and LoRA settings")
+        params = trainable_parameters(model)
+        wrong = sorted(name for name, fisher in self.fisher.items()
+                       if name not in params or params[name].shape != fisher.shape)
+        if wrong:
+            raise EllaError(f"the EWC state does not fit this model: {len(wrong)} parameter(s), e.g. {wrong[0]}, do "
+                            "not train here or differ in shape; load a state saved with the same model and LoRA "
+                            "settings")
         device = next(model.parameters()).device
         self.fisher = {name: value.float().to(device) for name, value in self.fisher.items()}
         self.previous = {name: value.float().to(device) for name, value in self.previous.items()}

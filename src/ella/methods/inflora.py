@@ -111,7 +111,7 @@ class InfLoRA(IncLoRA):
         model = super().prepare(model, task_index, task, data)
         adapter, rank = task_adapter(task_index), self.config.lora_r
         layers = lora_layers(model, adapter)
-        check_state_fits(self.name, {name: basis.shape[0] for name, basis in self.bases.items()}, layers)
+        check_state_fits(self.name, {name: (None, basis.shape[0]) for name, basis in self.bases.items()}, layers)
         # with B = 0 the new LoRA leaves every output as it was: these are the model's inputs before the task
         examples = data.batches(batch_size=1, limit=self.config.stats_examples)  # one at a time: no padding tokens
         self.covariances = input_covariances(model, layers, examples)

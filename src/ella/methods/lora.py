@@ -87,13 +87,16 @@ def block_of(module_name: str) -> str:
     return ".".join(parts[: index + 1])
 
 
-def check_state_fits(method: str, input_sizes: dict[str, int], layers: dict[str, LoraLayer]) -> None:
-    """Every module of a loaded state (name -> its d_in) must be an adapted module with the same input size."""
-    wrong = sorted(name for name, d_in in input_sizes.items()
-                   if name not in layers or layers[name].in_features != d_in)
+def check_state_fits(method: str, shapes: dict[str, tuple[int | None, int | None]],
+                     layers: dict[str, LoraLayer]) -> None:
+    """Every module of a loaded state (name -> the (d_out, d_in) it fixes, None where it fixes none) must be an
+    adapted module of this model with that shape."""
+    wrong = sorted(name for name, (d_out, d_in) in shapes.items()
+                   if name not in layers or d_out not in (None, layers[name].out_features)
+                   or d_in not in (None, layers[name].in_features))
     if wrong:
         raise EllaError(f"the {method} state does not fit this model: {len(wrong)} module(s), e.g. {wrong[0]}, are not "
-                        f"adapted here or differ in input size; load the method_state.safetensors of a {method} run "
+                        f"adapted here or differ in shape; load the method_state.safetensors of a {method} run "
                         "with the same model and target modules")
 
 

@@ -62,7 +62,7 @@ class OLoRA(IncLoRA):
                 data: TaskData | None = None) -> torch.nn.Module:
         self.adapter = task_adapter(task_index)
         model = super().prepare(model, task_index, task, data)
-        check_state_fits(self.name, {name: a.shape[1] for name, a in self.a_past.items()},
+        check_state_fits(self.name, {name: (None, a.shape[1]) for name, a in self.a_past.items()},
                          lora_layers(model, self.adapter))
         device = next(model.parameters()).device
         self.a_past = {name: a.float().to(device) for name, a in self.a_past.items()}

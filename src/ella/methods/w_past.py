@@ -186,6 +186,10 @@ class PastUpdates:
             self._cache[key] = _stacked_matrix(*self._stack(names)).square()
         return self._cache[key]
 
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_out, d_in) of every module's W_past."""
+        return {name: _dims(past) for name, past in self.modules.items()}
+
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors().values())
 
