@@ -96,7 +96,7 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
         run_suite(path)
     out, err = capfd.readouterr()  # each run is a process of its own: its error reaches the terminal
     assert out.count("complete, not repeated") == 3 and "ella, order 2, seed 42: resuming" in out
-    assert "unfinished run without its checkpoint" in err
+    assert "unfinished run without its saved progress" in err
 
 
 def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir, capfd):

@@ -186,7 +186,7 @@ def test_the_library_refuses_an_occupied_output_directory(tmp_path):
 def test_a_real_kill_9_at_a_random_moment(sequence_file, tmp_path):
     """`ella run` killed with SIGKILL at a random moment, then `--resume`: the same results as a run never killed."""
     command = [sys.executable, "-m", "ella", "run", "--model", "tiny-causal", "--sequence", str(sequence_file),
-               "--method", "ella", "--lam", "10", "--epochs", "3", "--batch-size", "2", "--max-length", "64",
+               "--method", "ella", "--lam", "10", "--epochs", "2", "--batch-size", "2", "--max-length", "64",
                "--eval-mode", "rank", "--mixed-precision", "no"]
     start = time.perf_counter()
     subprocess.run([*command, "--output-dir", str(tmp_path / "whole")], check=True, capture_output=True)
