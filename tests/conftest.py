@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState, GradientState
 
+from ella import engine
 from ella.data import Example, Task
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -59,3 +60,19 @@ def sequence_file(tmp_path: Path) -> Path:
     path = tmp_path / "sequence.json"
     path.write_text(json.dumps(spec))
     return path
+
+
+def with_crash_in_second_task(body):
+    """``body()`` with the engine stopping (as a kill would) when the second task starts to train."""
+    real = engine.train_task
+
+    def train_task(model, method, task_index, *args):
+        if task_index == 1:
+            raise KeyboardInterrupt("the machine went away")
+        return real(model, method, task_index, *args)
+
+    engine.train_task = train_task
+    try:
+        return body()
+    finally:
+        engine.train_task = real

@@ -13,7 +13,7 @@ from ella.engine import TrainingDiverged
 from ella.methods import TaskData
 from ella.models import tiny_model
 
-from conftest import toy_tasks
+from conftest import toy_tasks, with_crash_in_second_task
 
 SETTINGS = dict(training=TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="no"),
                 evaluation=EvaluationConfig(mode="rank"))
@@ -115,20 +115,9 @@ def test_a_state_saved_for_another_model_is_refused_clearly(tasks, method_name, 
 def test_a_resumed_run_refuses_a_model_state_of_another_shape(tmp_path):
     """A commit whose model file does not fit (as if the files had been swapped) is refused, not half loaded."""
     out = tmp_path / "run"
-    real = engine.train_task
-
-    def stop_at_second(model, method, task_index, *args):
-        if task_index == 1:
-            raise KeyboardInterrupt
-        return real(model, method, task_index, *args)
-
-    engine.train_task = stop_at_second
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(out, get_method("seqlora"))
-    finally:
-        engine.train_task = real
-    saved = checkpoint.SavedRun(out, {}, checkpoint.commit_dir(out, 1))
+    with pytest.raises(KeyboardInterrupt):
+        with_crash_in_second_task(lambda: run(out, get_method("seqlora")))
+    saved = checkpoint.SavedRun({}, checkpoint.commit_dir(out, 1))
     wider = LlamaForCausalLM(LlamaConfig(**{**tiny_model()[0].config.to_dict(), "hidden_size": 48, "head_dim": 12}))
     with pytest.raises(EllaError, match="does not fit this model"):
         saved.load_model(wider)

@@ -24,7 +24,7 @@ from ella import checkpoint, engine
 from ella.models import tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import toy_tasks
+from conftest import toy_tasks, with_crash_in_second_task
 
 SETTINGS = dict(training=TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="no"),
                 evaluation=EvaluationConfig(mode="rank"))
@@ -130,21 +130,6 @@ def test_the_old_bug_a_state_ahead_of_its_record_is_never_counted_twice(tmp_path
     save_file(state, commit / checkpoint.METHOD_STATE, {"tasks_done": "2"})  # as if task 2 had written it
     with pytest.raises(EllaError, match="inconsistent .*method_state.safetensors: 2"):
         run("ella", out, resume=True)
-
-
-def with_crash_in_second_task(body):
-    real = engine.train_task
-
-    def train_task(model, method, task_index, *args):
-        if task_index == 1:
-            raise KeyboardInterrupt("the machine went away")
-        return real(model, method, task_index, *args)
-
-    engine.train_task = train_task
-    try:
-        return body()
-    finally:
-        engine.train_task = real
 
 
 def test_resume_refuses_other_settings_and_another_model(tmp_path):

@@ -170,12 +170,8 @@ def tasks_done_in(path: Path) -> int | None:
 class SavedRun:
     """The newest committed state of a run directory, checked for consistency."""
 
-    def __init__(self, output_dir: Path, record: dict, directory: Path | None):
-        self.output_dir, self.record, self.directory = output_dir, record, directory
-
-    @property
-    def tasks_done(self) -> int:
-        return self.record["tasks_done"]
+    def __init__(self, record: dict, directory: Path | None):
+        self.record, self.directory = record, directory  # directory: None for a finished run (nothing to load)
 
     def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as committed (re-wrapped with its live adapters), with the random-number state restored."""
@@ -241,10 +237,10 @@ def read_run(output_dir: Path, header: dict) -> SavedRun | None:
     top = read_json(top_path) if top_path.is_file() else None
     if saved:
         tasks_done, directory = saved[-1]
-        run = SavedRun(output_dir, read_json(directory / RESULTS), directory)
+        run = SavedRun(read_json(directory / RESULTS), directory)
         check_commit(run, tasks_done, top)
     elif top is not None and top.get("status") == "complete":
-        run = SavedRun(output_dir, top, None)
+        run = SavedRun(top, None)
     elif top is not None and top.get("tasks_done", 0) > 0:
         raise EllaError(f"{output_dir} holds an unfinished run without its saved progress ({PROGRESS}/ is missing; "
                         "ella before 0.2 kept it in checkpoint/); start it again with --overwrite")
