@@ -150,3 +150,11 @@ def test_trace_tasks_keep_their_metric_and_answer_cue(data_dir):
     assert "trains on eval.json" in tasks["MeetingBank"].source and len(tasks["MeetingBank"].train) == 3
     with pytest.raises(EllaError, match="unknown order 2 for the trace benchmark"):
         load_cl_benchmark("trace", 2, data_dir=data_dir)
+
+
+def test_a_benchmark_task_records_its_source_relative_to_the_data_directory(data_dir):
+    """results.json holds each task's source: no machine's absolute path, the same wherever the data lies."""
+    dbpedia, agnews = load_cl_benchmark("standard", tasks=["dbpedia", "agnews"], data_dir=data_dir,
+                                        train_per_task=2, test_per_task=2)
+    assert (dbpedia.source, agnews.source) == ("cl_benchmark/TC/dbpedia", "cl_benchmark/TC/agnews")
+    assert (data_dir / dbpedia.source / "labels.json").is_file()

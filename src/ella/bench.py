@@ -31,6 +31,7 @@ printed and the report written (see ``ella.report``).
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import tomllib
@@ -58,10 +59,11 @@ class SuiteRun:
     def argv(self, suite: dict) -> list[str]:
         """The ``ella run`` command line of this run."""
         order = {} if "tasks" in self.options else {"order": self.order}  # named tasks replace the order
+        # relative to the working directory (the run's own): results.json records the command, no machine path
         options = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
                    **order, "seed": self.seed, "method": self.method, "label": self.label,
-                   "output-dir": self.output_dir, **{k: v for k, v in (("data-dir", suite.get("data_dir")),
-                                                                       ("dtype", suite.get("dtype"))) if v},
+                   "output-dir": os.path.relpath(self.output_dir),
+                   **{k: v for k, v in (("data-dir", suite.get("data_dir")), ("dtype", suite.get("dtype"))) if v},
                    **self.options, **self.hyperparameters}
         argv = ["run"]
         for key, value in options.items():

@@ -22,7 +22,8 @@ from . import superni, trace
 from .tasks import Task, check_sample_size, parse_examples, prompt_prefix, read_json_object, read_records, subsample
 
 
-def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int) -> Task:
+def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
+                  source: str) -> Task:
     labels = read_records(directory / "labels.json")
     if not labels or not all(isinstance(label, str) for label in labels):
         raise EllaError(f"{directory / 'labels.json'}: expected a non-empty JSON list of label strings")
@@ -37,7 +38,7 @@ def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int |
         file = directory / f"{split}.json"
         examples = parse_examples(read_records(file), file, "sentence", "label", labels)
         splits[split] = subsample(examples, n, seed, f"{name}/{split}")
-    return Task(name, splits["train"], splits["test"], labels=labels, prefix=prefix, source=str(directory))
+    return Task(name, splits["train"], splits["test"], labels=labels, prefix=prefix, source=source)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Benchmark:
     directory: str  # under the data directory; holds orders.json
     orders: dict[str, str]  # order name -> its key in orders.json
     task_marker: str  # glob of a file that every task directory holds
-    load_task: Callable[..., Task]  # (name, directory, train_per_task, test_per_task, seed) -> Task
+    load_task: Callable[..., Task]  # (name, directory, train_per_task, test_per_task, seed, source) -> Task
 
 
 BENCHMARKS = {
@@ -116,4 +117,6 @@ def load_cl_benchmark(benchmark: str = "standard", order: int | str | None = Non
                         f"known tasks: {', '.join(sorted(directories))}")
     if len(set(names)) != len(names):
         raise EllaError(f"a task appears twice in {names}; each task can be learned once per sequence")
-    return [spec.load_task(name, directories[name], train_per_task, test_per_task, seed) for name in names]
+    # a task's source is its directory under the data directory: results stay valid wherever the data lies
+    return [spec.load_task(name, directories[name], train_per_task, test_per_task, seed,
+                           str(directories[name].relative_to(root.parent))) for name in names]

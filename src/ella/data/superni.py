@@ -40,9 +40,10 @@ def _instances(file: Path) -> tuple[str, list[Example]]:
     return definition, examples
 
 
-def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int) -> Task:
+def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
+              source: str) -> Task:
     definition, train = _instances(directory / "train.json")
     _, test = _instances(directory / "test.json")
     return Task(name, subsample(train, n_train, seed, f"{name}/train"), subsample(test, n_test, seed, f"{name}/test"),
                 prefix=PREFIX.format(definition=definition.strip()), suffix=SUFFIX,
-                metric="exact_match" if name.endswith("_classification") else "rouge_l", source=str(directory))
+                metric="exact_match" if name.endswith("_classification") else "rouge_l", source=source)

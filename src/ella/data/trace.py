@@ -25,7 +25,8 @@ def _split_cue(example: Example) -> tuple[str, str]:
     return (head, newline + cue) if newline and len(cue) <= CUE_LENGTH else (example.input, "")
 
 
-def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int) -> Task:
+def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
+              source: str) -> Task:
     if name not in METRICS:
         raise EllaError(f"{directory}: unknown TRACE task {name!r}; TRACE's tasks are {', '.join(METRICS)}")
     train_file = directory / "train.json"
@@ -41,4 +42,4 @@ def load_task(name: str, directory: Path, n_train: int | None, n_test: int | Non
         splits = {k: [Example(e.input[: -len(suffix)], e.output) for e in v] for k, v in splits.items()}
     substitute = "" if train_file.name == "train.json" else " (trains on eval.json: no train split)"
     return Task(name, splits["train"], splits["test"], suffix=suffix, metric=METRICS[name],
-                keep_input_end=name == "Py150", source=str(directory) + substitute)
+                keep_input_end=name == "Py150", source=source + substitute)
