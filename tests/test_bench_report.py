@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ella import EllaError
+from ella import RunSpec
 from ella.bench import load_suite, run_suite
 from ella.cli import main
 
@@ -44,8 +45,10 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     assert [(r.label, r.order) for r in runs] == [("inclora", 1), ("inclora", 2), ("ella", 1), ("ella", 2),
                                                   ("ella-lam1.0", 1), ("ella-lam100.0", 1)]
     assert runs[2].hyperparameters == {"lam": 10.0} and runs[5].hyperparameters == {"lam": 100.0}
-    argv = runs[5].argv(suite)
-    assert argv[argv.index("--lam") + 1] == "100.0" and argv[argv.index("--order") + 1] == "1"
+    spec = runs[5].spec  # what the run's own process receives, as data
+    assert spec.method == "ella" and spec.hyperparameters == {"lam": 100.0} and spec.order == "1"
+    assert spec.train_per_task == 2 and spec.eval_mode == "rank" and spec.mixed_precision == "no"
+    assert RunSpec.from_dict(json.loads(spec.to_json())) == spec  # survives the trip to the child process
     assert runs[0].output_dir == tmp_path / "suite" / "inclora" / "order1-seed42"
 
 
@@ -53,8 +56,7 @@ def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
     text = SUITE.replace("orders = [1, 2]\n", "").replace("[run]", "[run]\ntasks = ['CB', 'RTE']")
     suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
     assert [r.output_dir.name for r in runs] == ["tasks-seed42"] * 4
-    argv = runs[0].argv(suite)
-    assert "--order" not in argv and argv[argv.index("--tasks") + 1] == "CB,RTE"
+    assert runs[0].spec.order is None and runs[0].spec.tasks == ["CB", "RTE"]
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -63,12 +65,18 @@ def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
     (lambda t: t.replace('model = "tiny-causal"', 'modle = "tiny-causal"'), "unknown keys \\['modle'\\]"),
     (lambda t: t.replace("orders = [1, 2]", "orders = [1, 2"), "malformed TOML"),
     (lambda t: t.replace("[run]", "[run]\ntasks = ['CB', 'RTE']"), "drop orders"),
+    (lambda t: t.replace("train_per_task = 2", "train_per_tsk = 2"), "train_per_tsk: not a run setting"),
+    (lambda t: t.replace("train_per_task = 2", "train_per_task = 'two'"), "train_per_task = 'two': expected int"),
+    (lambda t: t.replace('eval_mode = "rank"', 'eval_mode = "vote"'), "eval_mode = 'vote': choose one of"),
+    (lambda t: t.replace('methods = ["inclora", "ella"]', 'methods = ["inclora", "seqlora+ella"]'),
+     "ella penalises each task's own update"),
 ])
 def test_bad_suites(tmp_path, data_dir, edit, message):
     with pytest.raises(EllaError, match=message):
         load_suite(write_suite(tmp_path, data_dir, edit(SUITE)))
 
 
+@pytest.mark.slow  # each run is a process of its own
 def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
     path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0])
     report = run_suite(path)
@@ -99,6 +107,7 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
     assert "unfinished run without its saved progress" in err
 
 
+@pytest.mark.slow
 def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir, capfd):
     path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0].replace('methods = ["inclora", "ella"]',
                                                                               'methods = ["ella"]'))

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from ella.cli import main
-from ella.methods import METHODS
+from ella.methods import METHODS, PARTS
 
 TINY = ["run", "--model", "tiny-causal", "--train-per-task", "4", "--test-per-task", "2", "--mixed-precision", "no",
         "--max-length", "64"]
@@ -66,18 +66,27 @@ def test_benchmark_selection_errors(data_dir, tmp_path, capsys, args, message):
     assert code == 2 and message in err
 
 
-def test_unknown_method_is_refused_by_the_parser(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--method", "magic"])
-    assert exit_info.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+def test_unknown_method_is_one_clear_line_with_the_choices(capsys):
+    """A method name is a recipe or parts joined by +, so argparse cannot list the choices: ella checks the name
+    (before it needs any data: none is given here) and names the methods and parts."""
+    code, _, err = run("run", "--method", "magic", capsys=capsys)
+    assert code == 2 and "Traceback" not in err
+    last_line = err.strip().splitlines()[-1]
+    assert "error: unknown method 'magic'" in last_line and "ella, ewc, inclora" in last_line
+    code, _, err = run("run", "--method", "inclora+magic", capsys=capsys)
+    assert code == 2 and "'magic' in 'inclora+magic' is neither a part" in err
 
 
-def test_methods_lists_every_method_with_its_hyperparameters(capsys):
+def test_methods_lists_every_method_with_its_parts_and_hyperparameters(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in METHODS:
-        assert f"\n{name} " in "\n" + out
+    for name, recipe in METHODS.items():
+        assert re.search(rf"^  {re.escape(name)} +\S", out, re.M), name
+        assert f"= {'+'.join(recipe.parts)}; lr " in out
+    for name, part in PARTS.items():
+        assert re.search(rf"^  {re.escape(name)} +{part.kind}: ", out, re.M), name
     assert "--lam 30000.0" in out
+    assert "= jumplora+ella; lr 0.001" in out and "--w-past dense" in out  # the recipe's own default
 
 
 def test_help_is_complete(capsys):
@@ -94,6 +103,9 @@ def test_trace_tasks_run_with_their_own_metrics(tmp_path, capsys):
     code, out, _ = run(*TINY, "--benchmark", "trace", "--tasks", "20Minuten,Py150", "--train-per-task", "2",
                        "--output-dir", str(out_dir), capsys=capsys)
     assert code == 0, out
-    assert "Score (%) after each task; evaluation: generate, 20Minuten sari, Py150 edit_similarity" in out
-    details = json.loads((out_dir / "results.json").read_text())["task_details"]
+    scoring = "greedy generation; 20Minuten sari, Py150 edit_similarity"
+    assert f"Score (%) after each task; evaluation: {scoring};" in out
+    record = json.loads((out_dir / "results.json").read_text())
+    assert record["evaluation"]["description"] == scoring  # not "exact match" for tasks scored otherwise
+    details = record["task_details"]
     assert [d["metric"] for d in details] == ["sari", "edit_similarity"]

@@ -10,6 +10,7 @@ from ella import EvaluationConfig, TrainingConfig, get_method, load_model, run_s
 from ella.cli import main
 from ella.methods import METHODS
 from ella.models import tiny_model
+from pins import check, record
 
 
 @pytest.mark.parametrize("seq2seq", [False, True], ids=["causal", "t5"])
@@ -29,6 +30,7 @@ def test_every_method_runs_a_two_task_sequence(tasks, tmp_path, method_name, seq
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["status"] == "complete" and saved["accuracy_matrix"] == result.matrix
     assert (tmp_path / "method_state.safetensors").exists() == bool(method.state_dict())
+    check(f"{method_name}-{'t5' if seq2seq else 'causal'}", record(result, method.state_dict(), after))
 
 
 def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):
@@ -44,6 +46,7 @@ def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):
     assert saved.config.is_encoder_decoder and (out_dir / "accuracy_matrix.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_smollm2_two_tasks_end_to_end(data_dir, tmp_path, capsys):
     """A real pretrained model on real benchmark data: order-1 tasks dbpedia then agnews, a few examples each."""
     out_dir = tmp_path / "smollm2"
@@ -63,8 +66,8 @@ def test_smollm2_two_tasks_end_to_end(data_dir, tmp_path, capsys):
     assert results["task_logs"][1]["penalty_mean"] > 0  # ELLA's penalty is active on the second task
     w_past = load_file(out_dir / "method_state.safetensors")  # two tasks of rank 8: exact factors of rank 16
     assert len(w_past) == 30 * 2 * 2  # left and right factors of q_proj and v_proj in 30 layers
-    assert w_past["model.layers.0.self_attn.q_proj.left"].shape == (576, 16)
-    assert w_past["model.layers.0.self_attn.v_proj.left"].shape == (192, 16)
-    assert w_past["model.layers.0.self_attn.v_proj.right"].shape == (576, 16)
+    assert w_past["ella.model.layers.0.self_attn.q_proj.left"].shape == (576, 16)
+    assert w_past["ella.model.layers.0.self_attn.v_proj.left"].shape == (192, 16)
+    assert w_past["ella.model.layers.0.self_attn.v_proj.right"].shape == (576, 16)
     predictions = (out_dir / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 12 and {"task", "input", "target", "prediction"} <= set(json.loads(predictions[0]))

@@ -24,8 +24,9 @@ def test_ewc_penalty_and_its_gradient_by_hand():
         layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
         layer.bias.copy_(torch.tensor([0.5]))
     method = get_method("ewc", ewc_lambda=2.0)
-    method.fisher = {"weight": torch.tensor([[1.0, 3.0]]), "bias": torch.tensor([2.0])}
-    method.previous = {"weight": torch.tensor([[0.0, 1.0]]), "bias": torch.tensor([0.0])}
+    ewc = method.parts["ewc"]
+    ewc.fisher = {"weight": torch.tensor([[1.0, 3.0]]), "bias": torch.tensor([2.0])}
+    ewc.previous = {"weight": torch.tensor([[0.0, 1.0]]), "bias": torch.tensor([0.0])}
     penalty = method.penalty(layer)
     # θ − θ* = [1, 1] and [0.5]:  (λ/2)·Σ F·(θ − θ*)² = 1·(1·1 + 3·1 + 2·0.25) = 4.5
     assert penalty.item() == pytest.approx(4.5)
@@ -67,17 +68,18 @@ def test_fisher_is_the_mean_squared_gradient_of_each_example(tasks):
 
     model.train()
     model = method.finish(model, 0, tasks[0], data)
-    assert method.fisher.keys() == trainable.keys()
+    ewc = method.parts["ewc"]
+    assert ewc.fisher.keys() == trainable.keys()
     for name in trainable:
-        torch.testing.assert_close(method.fisher[name], expected[name], rtol=1e-4, atol=1e-10)
-        torch.testing.assert_close(method.previous[name], trainable[name].detach())
-    assert sum(value.sum() for value in method.fisher.values()) > 0
+        torch.testing.assert_close(ewc.fisher[name], expected[name], rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(ewc.previous[name], trainable[name].detach())
+    assert sum(value.sum() for value in ewc.fisher.values()) > 0
     assert model.training and all(param.grad is None for param in trainable.values())  # left as it was
 
     method.prepare(model, 1, tasks[1])
     method.finish(model, 1, tasks[1], data)  # online EWC: F ← F + F_t (here F_t is the same again)
     for name in trainable:
-        torch.testing.assert_close(method.fisher[name], 2 * expected[name], rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(ewc.fisher[name], 2 * expected[name], rtol=1e-4, atol=1e-10)
 
 
 def test_ewc_has_no_penalty_on_the_first_task_nor_at_the_previous_parameters(tasks):
@@ -91,7 +93,8 @@ def test_ewc_has_no_penalty_on_the_first_task_nor_at_the_previous_parameters(tas
             if param.requires_grad:
                 param.add_(0.01)
     # every parameter moved by 0.01: (λ/2)·Σ F·0.01²
-    expected = method.config.ewc_lambda / 2 * sum(f.sum() for f in method.fisher.values()) * 1e-4
+    ewc = method.parts["ewc"]
+    expected = ewc.config.ewc_lambda / 2 * sum(f.sum() for f in ewc.fisher.values()) * 1e-4
     assert method.penalty(model).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -99,21 +102,24 @@ def test_ewc_state_round_trip(tasks, tmp_path):
     model, method, _, data = ewc_on_tiny_model(tasks, fisher_examples=2)
     model = method.finish(model, 0, tasks[0], data)
     state = method.state_dict()
-    assert len(state) == 2 * len(method.fisher) and all(k.split(".")[0] in ("fisher", "previous") for k in state)
+    ewc = method.parts["ewc"]
+    assert len(state) == 2 * len(ewc.fisher)
+    assert all(k.split(".")[:2] in (["ewc", "fisher"], ["ewc", "previous"]) for k in state)
     restored = get_method("ewc")
     restored.load_state_dict(round_trip(state, tmp_path))
-    for name in method.fisher:
-        torch.testing.assert_close(restored.fisher[name], method.fisher[name])
-        torch.testing.assert_close(restored.previous[name], method.previous[name])
+    restored_ewc = restored.parts["ewc"]
+    for name in ewc.fisher:
+        torch.testing.assert_close(restored_ewc.fisher[name], ewc.fisher[name])
+        torch.testing.assert_close(restored_ewc.previous[name], ewc.previous[name])
     with pytest.raises(EllaError, match="not an EWC state"):
-        restored.load_state_dict({"fisher.x": torch.ones(1)})
+        restored.load_state_dict({"ewc.fisher.x": torch.ones(1)})
 
 
 def test_ewc_state_must_match_the_model(tasks):
     model, _ = tiny_model()
     method = get_method("ewc")
     method.setup(model, tasks)
-    method.load_state_dict({"fisher.elsewhere": torch.ones(1), "previous.elsewhere": torch.ones(1)})
+    method.load_state_dict({"ewc.fisher.elsewhere": torch.ones(1), "ewc.previous.elsewhere": torch.ones(1)})
     with pytest.raises(EllaError, match="same model and LoRA settings"):
         method.prepare(model, 1, tasks[1])
 
@@ -136,21 +142,22 @@ def learn(method, sequence: list[list[Encoded]], t: int) -> list[Encoded]:
 def test_replay_buffer_shares_and_composition():
     sequence = toy_sequence([20, 20, 2])
     method = get_method("replay", buffer_size=10)
+    replay = method.parts["replay"]
     assert learn(method, sequence, 0) == sequence[0]
-    first = method.buffer[0]
-    assert list(method.buffer) == [0] and len(first) == 10 and len({tuple(i.input_ids) for i in first}) == 10
+    first = replay.buffer[0]
+    assert list(replay.buffer) == [0] and len(first) == 10 and len({tuple(i.input_ids) for i in first}) == 10
     assert all(item in sequence[0] for item in first) and first != sequence[0][:10]  # a random choice
 
     assert learn(method, sequence, 1) == sequence[1] + first  # its own examples and the 10 kept of task 0
-    assert {t: len(kept) for t, kept in method.buffer.items()} == {0: 5, 1: 5}
-    second = method.buffer[1]
+    assert {t: len(kept) for t, kept in replay.buffer.items()} == {0: 5, 1: 5}
+    second = replay.buffer[1]
 
     trained = learn(method, sequence, 2)
     assert trained == sequence[2] + first[:5] + second  # only earlier tasks' examples are replayed
     # after 3 tasks 10 // 3 = 3 each (task 2 has only 2); a shrunk sample is a subset of what the task kept before
-    assert {t: len(kept) for t, kept in method.buffer.items()} == {0: 3, 1: 3, 2: 2}
-    assert method.buffer[0] == first[:3] and method.buffer[1] == second[:3]
-    assert all(item.input_ids[0] == t for t, kept in method.buffer.items() for item in kept)
+    assert {t: len(kept) for t, kept in replay.buffer.items()} == {0: 3, 1: 3, 2: 2}
+    assert replay.buffer[0] == first[:3] and replay.buffer[1] == second[:3]
+    assert all(item.input_ids[0] == t for t, kept in replay.buffer.items() for item in kept)
     assert method.report() == {"replay_buffer": {0: 3, 1: 3, 2: 2}}
 
 
@@ -160,8 +167,9 @@ def test_replay_buffer_never_exceeds_its_size(buffer_size):
     sequence = toy_sequence([50, 3, 50, 50, 50])
     for t in range(len(sequence)):
         assert len(learn(method, sequence, t)) - len(sequence[t]) <= buffer_size
-        assert sum(len(kept) for kept in method.buffer.values()) <= buffer_size
-        assert all(len(kept) == min(buffer_size // (t + 1), len(sequence[j])) for j, kept in method.buffer.items())
+        buffer = method.parts["replay"].buffer  # each finish makes a new dict
+        assert sum(len(kept) for kept in buffer.values()) <= buffer_size
+        assert all(len(kept) == min(buffer_size // (t + 1), len(sequence[j])) for j, kept in buffer.items())
 
 
 def test_replay_is_seeded():
@@ -171,7 +179,7 @@ def test_replay_is_seeded():
         method = get_method("replay", buffer_size=8, buffer_seed=seed)
         for t in range(2):
             learn(method, sequence, t)
-        buffers.append(method.buffer)
+        buffers.append(method.parts["replay"].buffer)
     assert buffers[0] == buffers[1] and buffers[0] != buffers[2]
 
 
@@ -180,12 +188,14 @@ def test_replay_state_round_trip(tmp_path):
     for t in range(3):
         learn(method, toy_sequence([5, 5, 1]), t)
     restored = get_method("replay", buffer_size=6)
-    restored.load_state_dict(round_trip(method.state_dict(), tmp_path))
-    assert restored.buffer == method.buffer
+    state = method.state_dict()
+    assert set(state) == {f"replay.{key}" for key in ("task", "input_ids", "input_lengths", "labels", "label_lengths")}
+    restored.load_state_dict(round_trip(state, tmp_path))
+    assert restored.parts["replay"].buffer == method.parts["replay"].buffer
     sequence = toy_sequence([5, 5, 1, 4])
     assert restored.training_items(3, sequence) == method.training_items(3, sequence)
     with pytest.raises(EllaError, match="not a Replay state"):
-        restored.load_state_dict({"input_ids": torch.ones(1)})
+        restored.load_state_dict({"replay.input_ids": torch.ones(1)})
 
 
 def test_replay_finish_needs_training_items():

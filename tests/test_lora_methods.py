@@ -73,7 +73,7 @@ def test_default_targets_are_attention_q_and_v(tasks):
         model, _ = tiny_model(seq2seq=seq2seq)
         method = get_method("inclora")
         method.setup(model, tasks)
-        assert sorted(method.target_modules) == expected
+        assert sorted(method.update.target_modules) == expected
 
 
 def test_missing_target_modules_are_named_with_the_alternatives(tasks):

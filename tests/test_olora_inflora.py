@@ -47,13 +47,14 @@ def olora_with_known_factors(tasks, task_index: int, **hyperparameters):
     method = get_method("olora", lora_r=2, **hyperparameters)
     method.setup(model, tasks)
     model = method.prepare(model, task_index, tasks[task_index])
-    layers = lora_layers(model, method.adapter)
+    adapter = method.update.adapter
+    layers = lora_layers(model, adapter)
     with torch.no_grad():
         for layer in layers.values():
-            layer.lora_A[method.adapter].weight.zero_()
-        layers[Q0].lora_A[method.adapter].weight[0, 0] = 1.0
-        layers[Q0].lora_A[method.adapter].weight[1, 1] = 2.0
-        layers[Q0].lora_B[method.adapter].weight.fill_(1.0)
+            layer.lora_A[adapter].weight.zero_()
+        layers[Q0].lora_A[adapter].weight[0, 0] = 1.0
+        layers[Q0].lora_A[adapter].weight[1, 1] = 2.0
+        layers[Q0].lora_B[adapter].weight.fill_(1.0)
     return model, method
 
 
@@ -61,7 +62,7 @@ def test_olora_penalty_through_peft_layers(tasks):
     model, method = olora_with_known_factors(tasks, 1, lambda1=0.5, lambda2=0.25)
     a_past = torch.zeros(3, 32)  # earlier rows e0, e1 and e0 + e1
     a_past[0, 0] = a_past[1, 1] = a_past[2, 0] = a_past[2, 1] = 1.0
-    method.a_past = {Q0: a_past}
+    method.parts["olora"].a_past = {Q0: a_past}
     # A_past A_newᵀ = [[1, 0], [0, 2], [1, 2]] -> L1 = 6;  ‖A‖ = √(1 + 4) = √5;  ‖B‖ = √(32·2) = 8
     assert method.penalty(model).item() == pytest.approx(0.5 * 6 + 0.25 * (math.sqrt(5) + 8))
 
@@ -80,21 +81,25 @@ def test_olora_stacks_every_task_a_and_its_state_round_trips(tasks, tmp_path):
     task_a = []
     for t, task in enumerate(tasks):
         model = method.prepare(model, t, task)
-        layer = lora_layers(model, method.adapter)[Q0]
-        task_a.append(layer.lora_A[method.adapter].weight.detach().clone())
+        adapter = method.update.adapter
+        layer = lora_layers(model, adapter)[Q0]
+        task_a.append(layer.lora_A[adapter].weight.detach().clone())
         model = method.finish(model, t, task)
         if t == 0:
             assert method.report() == {}
-    assert set(method.a_past) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"}
-    torch.testing.assert_close(method.a_past[Q0], torch.cat(task_a))  # (2·4) x 32: both tasks' rows
+    a_past = method.parts["olora"].a_past
+    assert set(a_past) == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"}
+    torch.testing.assert_close(a_past[Q0], torch.cat(task_a))  # (2·4) x 32: both tasks' rows
     assert method.report()["orthogonality_loss_end"] > 0  # random initial A's overlap
+    state = method.state_dict()
+    assert set(state) == {f"olora.{name}" for name in a_past}
     other = get_method("olora")
-    other.load_state_dict(round_trip(method.state_dict(), tmp_path))
-    torch.testing.assert_close(other.a_past[Q0], method.a_past[Q0])
+    other.load_state_dict(round_trip(state, tmp_path))
+    torch.testing.assert_close(other.parts["olora"].a_past[Q0], a_past[Q0])
     other.setup(model, tasks)
     other.prepare(model, 2, tasks[0])  # the loaded rows fit the model
     stranger = get_method("olora")
-    stranger.load_state_dict({"model.layers.9.self_attn.q_proj": torch.ones(4, 32)})  # the tiny model has 2 layers
+    stranger.load_state_dict({"olora.model.layers.9.self_attn.q_proj": torch.ones(4, 32)})  # the tiny model: 2 layers
     fresh, _ = tiny_model()
     stranger.setup(fresh, tasks)
     with pytest.raises(EllaError, match="olora state does not fit this model"):
@@ -165,7 +170,7 @@ def test_covariance_is_the_sum_of_the_layer_inputs(tasks):
         inputs = torch.cat([base.layers[0].input_layernorm(base.embed_tokens(torch.tensor(item.input_ids)))
                             for item in items[:3]])  # the first 3 examples, no padding
     covariance = inputs.T @ inputs
-    torch.testing.assert_close(method.covariances[Q0], covariance, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.update.covariances[Q0], covariance, rtol=1e-5, atol=1e-5)
     # A = C's top-4 eigenvectors (no earlier subspace yet): A C Aᵀ = diag of its 4 largest eigenvalues
     a = lora_layers(model, "task0")[Q0].lora_A["task0"].weight.detach()
     top = torch.linalg.eigvalsh(covariance).flip(0)[:4]
@@ -179,7 +184,8 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
     method.setup(model, tasks)
     model = method.prepare(model, 0, tasks[0], inflora_data(tokenizer, tasks[0], seq2seq)[1])
     model = method.finish(model, 0, tasks[0])
-    first = {name: basis.clone() for name, basis in method.bases.items()}
+    inflora = method.update
+    first = {name: basis.clone() for name, basis in inflora.bases.items()}
     assert len(first) == 2 * 2 * (3 if seq2seq else 1)  # q and v of every attention
     for basis in first.values():
         assert 1 <= basis.shape[1] <= 32 - 4  # room left for the next task's A
@@ -195,15 +201,17 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
     assert trainable and all("lora_B" in name for name in trainable)
 
     model = method.finish(model, 1, tasks[1])
-    for name, basis in method.bases.items():
+    for name, basis in inflora.bases.items():
         assert first[name].shape[1] <= basis.shape[1] <= 32 - 4
         torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), rtol=0, atol=1e-5)
         torch.testing.assert_close(projector(basis) @ first[name], first[name], rtol=0, atol=1e-5)  # M only grows
     assert 0 < method.report()["input_subspace_fraction"] <= 28 / 32
 
+    state = method.state_dict()
+    assert set(state) == {f"inflora.{name}" for name in inflora.bases}
     other = get_method("inflora")
-    other.load_state_dict(round_trip(method.state_dict(), tmp_path))
-    torch.testing.assert_close(other.bases, method.bases)
+    other.load_state_dict(round_trip(state, tmp_path))
+    torch.testing.assert_close(other.update.bases, inflora.bases)
 
 
 def test_inflora_update_leaves_the_earlier_subspace_unchanged(tasks):
@@ -213,7 +221,7 @@ def test_inflora_update_leaves_the_earlier_subspace_unchanged(tasks):
     training = TrainingConfig(learning_rate=1e-2, batch_size=4, max_length=64, **FP32)
     evaluation = EvaluationConfig(mode="rank", zero_shot=False)
     model, _ = run_sequence(model, tokenizer, tasks[:1], method, training, evaluation)
-    first = {name: basis.clone() for name, basis in method.bases.items()}
+    first = {name: basis.clone() for name, basis in method.update.bases.items()}
     before = {name: value.clone() for name, value in model.state_dict().items()}
     model, _ = run_sequence(model, tokenizer, tasks[1:], method, training, evaluation)
     for name, basis in first.items():

@@ -46,7 +46,7 @@ def frozen_directions(model, method):
     directions = {}
     for name, layer in model.named_modules():
         if hasattr(layer, "osf_svd_params"):
-            k = layer.effective_rank[method.adapter]
+            k = layer.effective_rank[method.update.adapter]
             U, _, Vh = torch.linalg.svd(layer.get_base_layer().weight.detach(), full_matrices=False)
             directions[name.removeprefix("base_model.model.")] = (U[:, :k], Vh[:k])
     return directions
@@ -94,11 +94,12 @@ def test_retained_rank_follows_each_blocks_importance(tasks):
     method = get_method("sculpting", min_retained=0.2, max_retained=0.7)
     method.setup(model, tasks)
     model = method.prepare(model, 0, tasks[0], task_data(tasks, model, tokenizer))
+    sculpting = method.update
     for name, layer in model.named_modules():
         if hasattr(layer, "osf_svd_params"):
             block = ".".join(name.removeprefix("base_model.model.").split(".")[:3])
             weight = layer.get_base_layer().weight
-            assert layer.effective_rank[method.adapter] == int(min(weight.shape) * method.retained[block])
+            assert layer.effective_rank[sculpting.adapter] == int(min(weight.shape) * sculpting.retained[block])
 
 
 def test_bad_sculpting_settings(tasks):

@@ -1,4 +1,4 @@
-"""``python -m ella``: the ``ella`` command (``ella bench`` runs each run this way, in its own process)."""
+"""``python -m ella``: the ``ella`` command."""
 
 import sys
 

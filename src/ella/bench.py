@@ -1,5 +1,5 @@
-"""``ella bench SUITE.toml``: methods x orders x seeds from one config file, as ``ella run`` runs (each in its own
-process).
+"""``ella bench SUITE.toml``: methods x orders x seeds from one config file, each run a ``RunSpec`` run as ``ella run``
+runs it, in a process of its own.
 
 A suite file (TOML)::
 
@@ -30,17 +30,19 @@ printed and the report written (see ``ella.report``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import run_status
 from .errors import EllaError
-from .methods import METHODS, get_method
+from .methods import get_method, method_fields
+from .runspec import RunSpec
 
 SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep",
               "data_dir", "dtype"}
@@ -49,30 +51,25 @@ SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", 
 @dataclass
 class SuiteRun:
     label: str
-    method: str
-    hyperparameters: dict
     order: int
     seed: int
-    output_dir: Path
-    options: dict = field(default_factory=dict)
+    spec: RunSpec  # what the run's own process runs
 
-    def argv(self, suite: dict) -> list[str]:
-        """The ``ella run`` command line of this run."""
-        order = {} if "tasks" in self.options else {"order": self.order}  # named tasks replace the order
-        # relative to the working directory (the run's own): results.json records the command, no machine path
-        options = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
-                   **order, "seed": self.seed, "method": self.method, "label": self.label,
-                   "output-dir": os.path.relpath(self.output_dir),
-                   **{k: v for k, v in (("data-dir", suite.get("data_dir")), ("dtype", suite.get("dtype"))) if v},
-                   **self.options, **self.hyperparameters}
-        argv = ["run"]
-        for key, value in options.items():
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                argv.append(flag)
-            elif value is not False:
-                argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-        return argv
+    @property
+    def output_dir(self) -> Path:
+        return self.spec.output_dir
+
+    @property
+    def hyperparameters(self) -> dict:
+        return self.spec.hyperparameters
+
+
+def _parsed(method: str, hyperparameters: dict) -> dict:
+    """Hyper-parameters as the method takes them: a string where the option parses one (``lam = "0,3e4"``,
+    ``target_modules = "q_proj,v_proj"``) is parsed as on the command line."""
+    fields = method_fields(method)
+    return {name: fields[name][1](value) if isinstance(value, str) and name in fields and fields[name][1] is not str
+            else value for name, value in hyperparameters.items()}
 
 
 def _label(method: str, values: dict) -> str:
@@ -116,14 +113,22 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
             variants.append((_label(method, values), method, {**base, **values}, sweep_orders))
     if not variants:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
+    shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
+              **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
+              "command": f"ella bench {os.path.relpath(path)}"}
     runs = []
     for label, method, hyperparameters, variant_orders in variants:
-        if method not in METHODS:
-            raise EllaError(f"{path}: unknown method {method!r}; choose from {', '.join(sorted(METHODS))}")
-        get_method(method, **hyperparameters)  # a bad hyper-parameter fails now, not hours into the suite
-        runs += [SuiteRun(label, method, hyperparameters, order, seed,
-                          root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}", options)
-                 for order in variant_orders for seed in seeds]
+        for order in variant_orders:
+            for seed in seeds:
+                where = root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}"
+                try:  # an unknown setting or method, or a bad hyper-parameter, fails now, not hours into the suite
+                    spec = RunSpec.from_dict({**shared, **({} if "tasks" in options else {"order": order}),
+                                              "seed": seed, "method": method, "label": label, "output_dir": where,
+                                              "hyperparameters": _parsed(method, hyperparameters)})
+                    get_method(method, **spec.hyperparameters)
+                except (EllaError, TypeError) as e:
+                    raise EllaError(f"{path}: {e}") from None
+                runs.append(SuiteRun(label, order, seed, spec))
     labels = [r.output_dir for r in runs]
     if len(set(labels)) != len(labels):
         raise EllaError(f"{path}: two runs would share a directory; give sweeps distinct values")
@@ -132,24 +137,19 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
 
 def run_suite(path: str | Path) -> Path:
     """Run (or resume, or skip) every run of the suite; write the table and the report; return the report."""
-    from .cli import build_parser
     from .report import write_report
 
     suite, runs = load_suite(path)
-    parser = build_parser()
-    commands = []
-    for run in runs:  # argparse checks every run's options before the first one starts
+    for index, run in enumerate(runs, 1):
         status = run_status(run.output_dir)
-        argv = run.argv(suite) + (["--resume"] if status is not None else [])
-        parser.parse_args(argv)
-        commands.append((run, status, argv))
-    for index, (run, status, argv) in enumerate(commands, 1):
-        sequence = "the named tasks" if "tasks" in run.options else f"order {run.order}"
+        sequence = "the named tasks" if "tasks" in suite.get("run", {}) else f"order {run.order}"
         print(f"[{index}/{len(runs)}] {run.label}, {sequence}, seed {run.seed}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status], flush=True)
         # Each run in its own process, so its peak memory is its own and nothing one run leaves allocated reaches
-        # the next. With --resume, `ella run` checks that the settings still match and trains only what is missing.
-        exit_status = subprocess.run([sys.executable, "-m", "ella", *argv]).returncode
+        # the next. Resuming, the run checks that the settings still match and trains only what is missing.
+        spec = dataclasses.replace(run.spec, resume=status is not None)
+        child = [sys.executable, "-c", "import sys, ella.runspec; sys.exit(ella.runspec.main())"]
+        exit_status = subprocess.run(child, input=spec.to_json(), text=True).returncode
         if exit_status:
             raise EllaError(f"the run {run.label}, {sequence}, seed {run.seed} stopped (exit status {exit_status}; its "
                             f"message is above). The finished runs are kept: fix the cause and run `ella bench {path}` "

@@ -7,20 +7,14 @@ import argparse
 import dataclasses
 import shlex
 import sys
-import time
 import typing
-import warnings
 from pathlib import Path
 
 from .bench import run_suite
-from .checkpoint import check_output_dir, run_status
-from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
-from .engine import MIXED_PRECISION, EvaluationConfig, TrainingConfig, make_accelerator, run_sequence
 from .errors import EllaError
-from .evaluation import EVAL_MODES
-from .methods import METHODS, get_method
-from .models import BUILTIN_MODELS, DTYPES, load_model, save_model
-from .report import format_matrix, format_metrics, plot_matrix, write_report
+from .methods import METHODS, PARTS, get_method, method_fields
+from .report import write_report
+from .runspec import DEFAULT_METHOD, RunSpec, quiet_libraries, run
 
 def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
@@ -38,13 +32,11 @@ def _argument_type(parse: typing.Callable) -> typing.Callable:
 
 
 def _method_hyperparameters() -> dict[str, tuple[dataclasses.Field, typing.Callable, dict[str, object]]]:
-    """Every registered method's config fields: name -> (field, parser, {method that has it: its default})."""
+    """Every registered method's hyper-parameters: name -> (field, parser, {method that has it: its default})."""
     options: dict[str, tuple[dataclasses.Field, typing.Callable, dict[str, object]]] = {}
-    for method_name, cls in sorted(METHODS.items()):
-        hints = typing.get_type_hints(cls.config_class)
-        for f in dataclasses.fields(cls.config_class):
-            parse = f.metadata.get("parse") or hints[f.name]
-            options.setdefault(f.name, (f, parse, {}))[2][method_name] = f.default
+    for method_name in sorted(METHODS):
+        for name, (f, parse, default) in method_fields(method_name).items():
+            options.setdefault(name, (f, parse, {}))[2][method_name] = default
     return options
 
 
@@ -69,82 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ella", description="Continual learning of language models.")
     commands = parser.add_subparsers(dest="command")
 
-    run = commands.add_parser(
+    run_parser = commands.add_parser(
         "run", help="learn a sequence of tasks and print the accuracy matrix",
         description="Train a model on a sequence of tasks, one after another, with a continual-learning method; "
                     "after each task evaluate every task of the sequence and print the accuracy matrix, OA, BWT, "
                     "FWT and forgetting. Writes results.json, the method's state and a heat-map to --output-dir.",
         formatter_class=DefaultsFormatter)
-    run.set_defaults(handler=command_run)
-    model = run.add_argument_group("model")
-    model.add_argument("--model", default="smollm2-135m",
-                       help="a Hugging Face id, a local model directory, or a built-in name: "
-                            + "; ".join(f"{k} ({v})" for k, v in BUILTIN_MODELS.items()))
-    model.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                       help="dtype of the weights (compute runs in --mixed-precision)")
-
-    data = run.add_argument_group("tasks")
-    data.add_argument("--benchmark", default="standard", choices=list(BENCHMARK_ORDERS),
-                      help="standard (CL benchmark, 4 tasks, orders 1-3), long (15 tasks, orders 4-6), superni "
-                           "(15 tasks, orders 1-2; ROUGE-L / exact match) or trace (8 tasks, order 1; TRACE's "
-                           "per-task metrics)")
-    data.add_argument("--order", default=None, help="task order of the benchmark (default: its first)")
-    data.add_argument("--tasks", type=_names, default=None,
-                      help="comma-separated task names of the benchmark, in training order (instead of --order)")
-    data.add_argument("--sequence", type=Path, default=None,
-                      help="your own task sequence: a JSON file (format: README, 'Your own tasks')")
-    data.add_argument("--data-dir", default=None,
-                      help="benchmark data directory (default: $ELLA_DATA_DIR, else ../shared/data)")
-    data.add_argument("--train-per-task", type=int, default=None, help="training examples per task (default: all)")
-    data.add_argument("--test-per-task", type=int, default=None, help="test examples per task (default: all)")
-
-    method = run.add_argument_group("method")
-    method.add_argument("--method", default="ella", choices=sorted(METHODS), help="continual-learning method")
-    hyper = run.add_argument_group("method hyper-parameters (the methods each applies to are in brackets)")
-    for name, (f, parse, owners) in _method_hyperparameters().items():
-        hyper.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=_argument_type(parse),
-                           default=argparse.SUPPRESS,
-                           metavar=name.upper(),
-                           help=f"{f.metadata['help']} [{_defaults(owners)}]")
-
-    train = run.add_argument_group("training")
-    train.add_argument("--epochs", type=int, default=1, help="epochs per task")
-    train.add_argument("--lr", type=float, default=None,
-                       help="learning rate (default: the method's, 1e-3 for LoRA methods, 5e-5 for seqft)")
-    train.add_argument("--batch-size", type=int, default=8,
-                       help="examples per micro-batch over all processes (each process trains on its share)")
-    train.add_argument("--grad-accum", type=int, default=1,
-                       help="micro-batches per optimiser step (the step's loss is the mean over all their answer "
-                            "tokens)")
-    train.add_argument("--max-length", type=int, default=512,
-                       help="max tokens of prompt + answer; longer inputs are truncated")
-    train.add_argument("--warmup-ratio", type=float, default=0.1,
-                       help="linear warm-up over this fraction of each task's steps, then a constant rate")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    train.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
-                       help="auto: bf16 where the CPU/GPU supports it, else fp32")
-    train.add_argument("--seed", type=int, default=42, help="seed of subsampling, initialisation and shuffling")
-
-    evaluate = run.add_argument_group("evaluation")
-    evaluate.add_argument("--eval-mode", default="generate", choices=list(EVAL_MODES),
-                          help="; ".join(f"{k}: {v}" for k, v in EVAL_MODES.items()))
-    evaluate.add_argument("--eval-batch-size", type=int, default=16, help="evaluation batch size")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
-                          help="generation length (default: the task's longest answer + 4 tokens)")
-    evaluate.add_argument("--no-zero-shot", action="store_true",
-                          help="skip evaluating the base model before training (FWT is then not reported)")
-
-    output = run.add_argument_group("output")
-    output.add_argument("--output-dir", type=Path, default=None,
-                        help="where results go (default: runs/<method>-<timestamp>)")
-    output.add_argument("--overwrite", action="store_true", help="replace a run already in --output-dir")
-    output.add_argument("--resume", action="store_true",
-                        help="continue the interrupted run in --output-dir after its last finished task (same "
-                             "options); a finished run is shown, not repeated")
-    output.add_argument("--label", default=None, help="the run's name in reports (default: the method)")
-    output.add_argument("--save-model", action="store_true",
-                        help="also save the final model (adapters merged) to OUTPUT_DIR/model")
+    run_parser.set_defaults(handler=command_run)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(RunSpec)
+    for f in dataclasses.fields(RunSpec):
+        if "group" not in f.metadata:  # hyperparameters (below, one option each) and the recorded command
+            continue
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = run_parser.add_argument_group(f.metadata["group"])
+        group = groups[f.metadata["group"]]
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if hints[f.name] is bool:
+            group.add_argument(flag, action="store_true", help=help)
+            continue
+        kind = next(k for k in typing.get_args(hints[f.name]) or (hints[f.name],) if k is not type(None))
+        parse = _names if typing.get_origin(kind) is list else kind
+        group.add_argument(flag, *f.metadata["aliases"], type=parse, default=f.default, choices=f.metadata["choices"],
+                           help=help)
+        if f.name == "method":
+            hyper = run_parser.add_argument_group("method hyper-parameters (the methods each applies to are in brackets)")
+            for name, (hf, hparse, owners) in _method_hyperparameters().items():
+                hyper.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=_argument_type(hparse),
+                                   default=argparse.SUPPRESS, metavar=name.upper(),
+                                   help=f"{hf.metadata['help']} [{_defaults(owners)}]")
 
     methods = commands.add_parser("methods", help="list the continual-learning methods and their hyper-parameters")
     methods.set_defaults(handler=command_methods)
@@ -169,12 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def command_methods(args: argparse.Namespace) -> int:
-    options = _method_hyperparameters()
-    width = max(map(len, METHODS)) + 2
-    for name, cls in sorted(METHODS.items()):
-        print(f"{name:{width}s}{cls.summary}")
-        flags = [f"--{o.replace('_', '-')} {owners[name]}" for o, (_, _, owners) in options.items() if name in owners]
-        print(" " * width + f"lr {cls.default_learning_rate:g}" + ("; " + "  ".join(flags) if flags else ""))
+    width = max(map(len, [*METHODS, *PARTS])) + 2
+    print("methods (--method NAME):")
+    for name, recipe in sorted(METHODS.items()):
+        fields = method_fields(name)
+        print(f"  {name:{width}s}{recipe.summary}")
+        flags = [f"--{option.replace('_', '-')} {default}" for option, (_, _, default) in fields.items()]
+        lr = get_method(name).default_learning_rate
+        print(" " * (width + 2) + f"= {'+'.join(recipe.parts)}; lr {lr:g}" + ("; " + "  ".join(flags) if flags else ""))
+    print("\nparts (--method PART+PART+...: one update part, any regularisers, at most one data policy):")
+    for name, part in sorted(PARTS.items(), key=lambda item: (item[1].kind, item[0])):
+        print(f"  {name:{width}s}{part.kind}: {part.summary}")
     return 0
 
 
@@ -190,78 +140,16 @@ def command_report(args: argparse.Namespace) -> int:
 
 def command_run(args: argparse.Namespace) -> int:
     hyperparameters = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
-    owners = _method_hyperparameters()
-    foreign = [k for k in hyperparameters if args.method not in owners[k][2]]
+    method = args.method or DEFAULT_METHOD
+    # continuing without --method, the run checks the hyper-parameters against the continued run's method
+    known = hyperparameters if args.continue_run and not args.method else method_fields(method)
+    foreign = [k for k in hyperparameters if k not in known]
     if foreign:
         raise EllaError(", ".join("--" + k.replace("_", "-") for k in foreign) +
-                        f" does not apply to method {args.method}; `ella methods` lists each method's options")
-    method = get_method(args.method, **hyperparameters)
-    training = TrainingConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                              grad_accum=args.grad_accum, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
-                              weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                              seed=args.seed, mixed_precision=args.mixed_precision)
-    evaluation = EvaluationConfig(mode=args.eval_mode, batch_size=args.eval_batch_size,
-                                  max_new_tokens=args.max_new_tokens, zero_shot=not args.no_zero_shot)
-    tasks, source, order = _load_tasks(args)
-    if args.resume and args.output_dir is None:
-        raise EllaError("--resume continues the run in --output-dir: name that directory")
-    output_dir = args.output_dir or Path("runs") / f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_output_dir(output_dir, args.resume, args.overwrite)  # before the model loads; run_sequence claims it
-    accelerator = make_accelerator(training)  # one process, or one per device under `accelerate launch`
-    if args.resume and args.save_model and run_status(output_dir) == "complete":
-        raise EllaError(f"the run in {output_dir} finished earlier and its final model was not kept; "
-                        "run it again with --overwrite --save-model")
-
-    load_start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.dtype)
-    if accelerator.is_main_process:
-        print(f"ella: {args.method} on {args.model}, {source}: {len(tasks)} tasks "
-              f"({', '.join(t.name for t in tasks)}); model loaded in {time.perf_counter() - load_start:.1f} s",
-              file=sys.stderr)
-    run_info = {"command": "ella " + shlex.join(args.argv), "label": args.label or args.method, "model": args.model,
-                "dtype": args.dtype, "tasks_from": source, "benchmark": None if args.sequence else args.benchmark,
-                "order": order, "seed": args.seed, "train_per_task": args.train_per_task,
-                "test_per_task": args.test_per_task}
-    model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
-                                 accelerator, resume=args.resume, overwrite=args.overwrite)
-    if accelerator.is_main_process:  # the others hold the same model and result
-        _report_run(args, tasks, model, tokenizer, result, output_dir)
-    # Every process stays until the run is written, then leaves the process group: a process that exits while
-    # still in it can abort in the collective backend's teardown.
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+                        f" does not apply to method {method}; `ella methods` lists each method's options")
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSpec) if "group" in f.metadata}
+    run(RunSpec(**settings, hyperparameters=hyperparameters, command="ella " + shlex.join(args.argv)))
     return 0
-
-
-def _report_run(args: argparse.Namespace, tasks, model, tokenizer, result, output_dir: Path) -> None:
-    """Plot, keep the model if asked, and print the matrix and metrics."""
-    plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=f"{args.method} on {args.model}")
-    if args.save_model:
-        save_model(model, tokenizer, output_dir / "model")
-    if all(t.metric == "exact_match" for t in tasks):
-        kind, scoring = "Accuracy", EVAL_MODES[result.eval_mode]
-    else:
-        kind, scoring = "Score", f"{result.eval_mode}, " + ", ".join(f"{t.name} {t.metric}" for t in tasks)
-    print(f"\n{kind} (%) after each task; evaluation: {scoring}; "
-          f"{', '.join(f'{t.name} {len(t.test)}' for t in tasks)} test examples")
-    print(format_matrix(result))
-    print(format_metrics(result))
-    print(f"results: {output_dir / 'results.json'}  heat-map: {plot}")
-
-
-def _load_tasks(args: argparse.Namespace):
-    sample = dict(train_per_task=args.train_per_task, test_per_task=args.test_per_task, seed=args.seed)
-    if args.sequence is not None:
-        if args.tasks or args.order:
-            raise EllaError("--sequence brings its own tasks: drop --tasks / --order")
-        return load_task_sequence(args.sequence, **sample), str(args.sequence), None
-    if args.tasks and args.order:
-        raise EllaError("give either --order or --tasks, not both")
-    order = args.order or BENCHMARK_ORDERS[args.benchmark][0]
-    tasks = load_cl_benchmark(args.benchmark, order, args.tasks, args.data_dir, **sample)
-    if args.tasks:
-        return tasks, f"CL benchmark tasks {','.join(args.tasks)}", None
-    return tasks, f"{args.benchmark} order {order}", str(order)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside the libraries, not actionable
-    transformers.utils.logging.disable_progress_bar()  # ella shows its own progress
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     try:
         return args.handler(args)
     except EllaError as e:

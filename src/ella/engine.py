@@ -34,7 +34,7 @@ from transformers import get_constant_schedule_with_warmup
 from . import checkpoint, metrics
 from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
-from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task
+from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task, scoring_description
 from .methods import ContinualMethod, TaskData
 from .models import is_seq2seq
 
@@ -91,16 +91,42 @@ class SequenceResult:
     eval_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole sequence so far, across resumptions
     final_predictions: list[list[str]] = field(default_factory=list)  # per task, after the last task
+    task_metrics: dict[str, str] = field(default_factory=dict)  # task -> how its answers are scored
 
     @classmethod
     def from_record(cls, record: dict) -> "SequenceResult":
         """The result stored in a results.json (without the predictions)."""
         return cls(record["tasks"], record["evaluation"]["mode"], record["zero_shot"], record["accuracy_matrix"],
-                   record["task_logs"], record["eval_seconds"], record["total_seconds"])
+                   record["task_logs"], record["eval_seconds"], record["total_seconds"],
+                   task_metrics={d["name"]: d["metric"] for d in record.get("task_details", [])})
+
+    @classmethod
+    def continued(cls, record: dict, tasks: list[Task], eval_mode: str) -> "SequenceResult":
+        """A finished run's result extended to ``tasks`` (its own first): the cells it never measured, its rows'
+        cells of the new tasks and their zero-shot accuracy, are None."""
+        old = cls.from_record(record)
+        pad = [None] * (len(tasks) - len(old.tasks))
+        return cls([task.name for task in tasks], eval_mode, None if old.zero_shot is None else old.zero_shot + pad,
+                   [row + pad for row in old.matrix], old.task_logs, old.eval_seconds, old.seconds,
+                   task_metrics={task.name: task.metric for task in tasks})
 
     @property
     def complete(self) -> bool:
         return len(self.matrix) == len(self.tasks)
+
+    def metrics_cells(self) -> dict | None:
+        """Over which cells the metrics are computed, for a matrix with unmeasured (None) cells: a continued run's."""
+        if not any(v is None for row in [self.zero_shot or [], *self.matrix] for v in row):
+            return None
+        n = len(self.tasks)
+        with_zero_shot = sum(v is not None for v in self.zero_shot or [])
+        return {"null cells": "not measured: the rows before a task joined the sequence (a continued run's earlier "
+                              "rows) have none for it, and a task added by continuing has no zero-shot accuracy "
+                              "(the base model is not evaluated again)",
+                "OA": f"the final row, all {n} tasks",
+                "BWT": f"the first {n - 1} tasks: the final row minus each task's own a[j][j]",
+                "FWT": f"the {with_zero_shot} of {n} tasks with a zero-shot accuracy: a[j][j] - zero-shot[j]",
+                "forgetting": f"the first {n - 1} tasks, over the rows from each task's own on (all measured)"}
 
     def metrics(self) -> dict | None:
         return metrics.summarize(self.matrix, self.zero_shot) if self.complete else None
@@ -108,11 +134,13 @@ class SequenceResult:
     def to_dict(self) -> dict:
         return {
             "tasks": self.tasks,
-            "evaluation": {"mode": self.eval_mode, "description": EVAL_MODES[self.eval_mode]},
+            "evaluation": {"mode": self.eval_mode,
+                           "description": scoring_description(self.eval_mode, self.task_metrics)},
             "zero_shot": self.zero_shot,
             "accuracy_matrix": self.matrix,
             "metrics": self.metrics(),
             "fwt_reference": "zero-shot accuracy of the base model before any training",
+            **({"metrics_cells": cells} if (cells := self.metrics_cells()) else {}),
             "task_logs": self.task_logs,
             "eval_seconds": self.eval_seconds,
             "total_seconds": self.seconds,
@@ -325,13 +353,17 @@ def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEn
 def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
-                 accelerator: Accelerator | None = None, resume: bool = False, overwrite: bool = False):
+                 accelerator: Accelerator | None = None, resume: bool = False, overwrite: bool = False,
+                 previous=None):
     """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
 
     With ``output_dir``, every finished task is committed there (see ``ella.checkpoint``), so a crash loses at
     most the task in progress. A directory that already holds a run is refused unless ``resume=True`` (continue it
     from its last finished task, with the same settings: it ends exactly as the uninterrupted run) or
     ``overwrite=True`` (replace it). ``run_info`` is stored in results.json as given.
+
+    ``previous`` (an ``ella.continuation.PreviousRun``) continues a finished run: ``tasks`` start with its tasks,
+    ``model`` is its saved model; its rows are kept, and training goes on at the first new task.
     """
     training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
     if not tasks:
@@ -371,8 +403,19 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                                 f"({e}); resume with the settings the run was made with") from None
             if accelerator.is_local_main_process:
                 tqdm.write(f"resuming {output_dir} after task {len(result.matrix)} of {len(tasks)}")
+    elif previous is not None:  # a finished run learning more tasks: its model, method state and RNG state
+        learnt = previous.record["tasks"]
+        if [task.name for task in tasks[:len(learnt)]] != learnt or len(tasks) <= len(learnt):
+            raise EllaError(f"a continued run's tasks are the earlier run's ({', '.join(learnt)}), then new ones; "
+                            f"got {', '.join(task.name for task in tasks)}")
+        previous.check_evaluation(asdict(evaluation))
+        model = previous.restore(model, method)
+        result = SequenceResult.continued(previous.record, tasks, evaluation.mode)
+        if accelerator.is_local_main_process:
+            tqdm.write(f"continuing {previous.path} after its {len(learnt)} tasks: {len(tasks) - len(learnt)} more")
     else:
-        result = SequenceResult([task.name for task in tasks], evaluation.mode)
+        result = SequenceResult([task.name for task in tasks], evaluation.mode,
+                                task_metrics={task.name: task.metric for task in tasks})
         if evaluation.zero_shot:
             scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
             result.zero_shot = [score.accuracy for score in scores]

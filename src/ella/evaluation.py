@@ -24,9 +24,18 @@ from .models import hf_model, is_seq2seq
 from .scores import ANSWER_METRICS
 
 EVAL_MODES = {
-    "generate": "greedy generation, normalised exact match",
+    "generate": "greedy generation, each answer scored by its task's metric",
     "rank": "rank classification: the label option with the highest log-likelihood",
 }
+
+
+def scoring_description(mode: str, task_metrics: dict[str, str]) -> str:
+    """How the tasks were scored, in words: ``task_metrics`` maps each task to its metric."""
+    if mode == "rank":
+        return EVAL_MODES["rank"]
+    if task_metrics and set(task_metrics.values()) == {"exact_match"}:
+        return "greedy generation, normalised exact match"
+    return "greedy generation; " + ", ".join(f"{task} {metric}" for task, metric in task_metrics.items())
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from .errors import EllaError
 
 
 def format_matrix(result: SequenceResult) -> str:
-    """Rows: zero-shot, then after each task; columns: the tasks; cells: accuracy in %."""
+    """Rows: zero-shot, then after each task; columns: the tasks; cells: accuracy in %, – where not measured (a
+    continued run's earlier rows for the tasks added later, and their zero-shot accuracy)."""
     names = result.tasks
     rows = ([("zero-shot", result.zero_shot)] if result.zero_shot is not None else [])
     rows += [(f"after {i + 1}: {names[i]}", row) for i, row in enumerate(result.matrix)]
@@ -25,7 +26,8 @@ def format_matrix(result: SequenceResult) -> str:
     widths = [max(6, len(name)) for name in names]
     lines = [" " * first + "  " + "  ".join(name.rjust(w) for name, w in zip(names, widths))]
     for label, row in rows:
-        lines.append(label.ljust(first) + "  " + "  ".join(f"{v:.1f}".rjust(w) for v, w in zip(row, widths)))
+        lines.append(label.ljust(first) + "  " + "  ".join(("–" if v is None else f"{v:.1f}").rjust(w)
+                                                           for v, w in zip(row, widths)))
     return "\n".join(lines)
 
 
@@ -38,7 +40,9 @@ def format_metrics(result: SequenceResult) -> str:
         value = summary[name]
         return f"{name} n/a" if value is None else f"{name} {value:+.1f}" if signed else f"{name} {value:.1f}"
 
-    fwt = show("FWT", signed=True) + (" (vs zero-shot)" if summary["FWT"] is not None else "")
+    measured = sum(v is not None for v in result.zero_shot or [])
+    fwt = show("FWT", signed=True) + ("" if summary["FWT"] is None else " (vs zero-shot)" if measured == len(
+        result.tasks) else f" (vs zero-shot, over the {measured} tasks that have one)")
     return "  ".join([show("OA"), show("BWT", signed=True), fwt, show("forgetting")])
 
 
@@ -56,11 +60,14 @@ def draw_matrix(ax, result: SequenceResult, title: str) -> None:
     rows = ([result.zero_shot] if result.zero_shot is not None else []) + result.matrix
     labels = (["zero-shot"] if result.zero_shot is not None else []) + \
         [f"after {i + 1}: {name}" for i, name in enumerate(result.tasks[:len(result.matrix)])]
-    image = ax.imshow(rows, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    image = ax.imshow([[float("nan") if v is None else v for v in row] for row in rows], vmin=0, vmax=100,
+                      cmap="viridis", aspect="auto")  # an unmeasured cell (None) stays blank
     ax.set_xticks(range(len(result.tasks)), result.tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels)
     for i, row in enumerate(rows):
         for j, value in enumerate(row):
+            if value is None:
+                continue
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", color="white" if value < 60 else "black",
                     fontsize=8)
     ax.set_title(title, fontsize=10)
@@ -162,14 +169,14 @@ def cost_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def diagnostics_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     """ELLA's mechanism per task, for the runs that logged it (see ELLA.report)."""
-    header = ["run", "task", "λ", "⟨ΔW_t, W_past⟩", "bound", "update energy in top-10% |W_past| coords"]
+    header = ["run", "task", "λ", "⟨ΔW_t, W_past⟩", "update energy in top-10% |W_past| coords"]
     rows = []
     for run in runs:
         for log in run["task_logs"]:
             d = log.get("diagnostics")
             if d:
-                rows.append([f"{run['label']}, {_sequence(run['run'].get('order'))}", log["task"], f"{d['lambda']:g}",
-                             f"{d['interference']:.3g}", f"{d['bound']:.3g}",
+                rows.append([f"{run['label']}, {_sequence(run['run'].get('order'))}, seed {run['run'].get('seed')}",
+                             log["task"], f"{d['lambda']:g}", f"{d['interference']:.3g}",
                              f"{100 * d['update_energy_in_high_energy_coordinates']:.1f}%"])
     return (header, rows) if rows else None
 
@@ -231,7 +238,8 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
         for ax, run in zip(axes[0], members):
             steps = range(1, len(run["accuracy_matrix"]) + 1)
             for j, task in enumerate(run["tasks"]):
-                ax.plot(steps, [row[j] for row in run["accuracy_matrix"]], marker="o", markersize=3, label=task)
+                ax.plot(steps, [float("nan") if row[j] is None else row[j] for row in run["accuracy_matrix"]],
+                        marker="o", markersize=3, label=task)
             ax.set_title(run["label"], fontsize=10)
             ax.set_xlabel("after task")
             ax.set_xticks(list(steps))

@@ -1,9 +1,9 @@
-"""Continual-learning methods. Each is one file here with a ``@register``-ed ``ContinualMethod``;
-importing it below is its registration."""
+"""Continual-learning methods as compositions of parts (see ``base``). Each part is one file here; importing it
+below registers the part and the methods (recipes) it defines."""
 
+from . import inclora  # noqa: F401  (first: the update part most recipes use)
 from . import ella  # noqa: F401
 from . import ewc  # noqa: F401
-from . import inclora  # noqa: F401
 from . import inflora  # noqa: F401
 from . import jumplora  # noqa: F401
 from . import mtl  # noqa: F401
@@ -12,13 +12,9 @@ from . import replay  # noqa: F401
 from . import sculpting  # noqa: F401
 from . import seqft  # noqa: F401
 from . import seqlora  # noqa: F401
-from .base import METHODS, ContinualMethod, NoHyperparameters, TaskData, get_method, hyperparameter, register
-from .ella import ELLA, ELLAHyperparameters
-from .inclora import IncLoRA
-from .lora import LoraHyperparameters, LoraMethod
-from .seqft import SeqFT
-from .seqlora import SeqLoRA
+from .base import (METHODS, PARTS, ContinualMethod, NoHyperparameters, TaskData, get_method, hyperparameter,
+                   method_fields, register_method, register_part)
+from .lora import LoraHyperparameters
 
-__all__ = ["ELLA", "METHODS", "ContinualMethod", "ELLAHyperparameters", "IncLoRA", "LoraHyperparameters",
-           "LoraMethod", "NoHyperparameters", "SeqFT", "SeqLoRA", "TaskData", "get_method",
-           "hyperparameter", "register"]
+__all__ = ["METHODS", "PARTS", "ContinualMethod", "LoraHyperparameters", "NoHyperparameters", "TaskData",
+           "get_method", "hyperparameter", "method_fields", "register_method", "register_part"]

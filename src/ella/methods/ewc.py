@@ -1,4 +1,6 @@
-"""EWC: SeqLoRA (one LoRA trained through all tasks) under online elastic weight consolidation.
+"""EWC: online elastic weight consolidation, a regulariser on an update part that keeps its parameters through the
+sequence: the ``ewc`` method is ``seqlora+ewc`` (one LoRA trained through all tasks); ``seqft+ewc`` is the classic
+EWC on every weight.
 
 From the second task on, the loss adds a Fisher-weighted pull towards the parameters the previous task ended with:
 
@@ -23,13 +25,11 @@ import torch
 from ..data import Task
 from ..errors import EllaError
 from ..evaluation import answer_token_nll
-from .base import TaskData, hyperparameter, register, require_data
-from .lora import LoraHyperparameters
-from .seqlora import SeqLoRA
+from .base import REGULARISER, TaskData, device_of, hyperparameter, register_method, register_part, require_data, zero
 
 
 @dataclass
-class EWCHyperparameters(LoraHyperparameters):
+class EWCHyperparameters:
     # The pull λ·F·(θ − θ*) matches a per-example gradient √F once a parameter drifted 1/(λ√F). SmolLM2-135M's
     # LoRA Fisher was 2e-6 (median) to 2e-4 (mean), so λ = 1e4 puts that drift at 0.007-0.07, the scale of the
     # LoRA weights themselves; at λ = 1 the penalty was a thousandth of the loss.
@@ -37,7 +37,6 @@ class EWCHyperparameters(LoraHyperparameters):
     fisher_examples: int = hyperparameter(64, "training examples of each task that estimate its Fisher")
 
     def __post_init__(self):
-        super().__post_init__()
         if not self.ewc_lambda >= 0:
             raise EllaError(f"ewc_lambda must be non-negative (got {self.ewc_lambda}); 0 is SeqLoRA")
         if self.fisher_examples < 1:
@@ -69,20 +68,24 @@ def empirical_fisher(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]
     return {name: value / max(count, 1) for name, value in fisher.items()}
 
 
-@register
-class EWC(SeqLoRA):
-    name = "ewc"
-    summary = "SeqLoRA + (λ/2)·Σ F·(θ − θ*)²: online EWC, a Fisher-weighted pull to the previous task's LoRA"
+@register_part
+class EWC:
+    name, kind = "ewc", REGULARISER
+    summary = "(λ/2)·Σ F·(θ − θ*)²: online EWC, a Fisher-weighted pull to the previous task's parameters"
     config_class = EWCHyperparameters
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    @staticmethod
+    def check_update(update: type) -> None:
+        if not update.keeps_parameters:
+            raise EllaError(f"ewc pulls the parameters towards their values after the previous task, but {update.name} "
+                            "trains new ones every task: combine it with seqlora or seqft")
+
+    def __init__(self, config: EWCHyperparameters):
+        self.config = config
         self.fisher: dict[str, torch.Tensor] = {}  # parameter name -> Σ_t F_t
         self.previous: dict[str, torch.Tensor] = {}  # parameter name -> θ* (end of the previous task)
 
-    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
-                data: TaskData | None = None) -> torch.nn.Module:
-        model = super().prepare(model, task_index, task, data)
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         params = trainable_parameters(model)
         wrong = sorted(name for name, fisher in self.fisher.items()
                        if name not in params or params[name].shape != fisher.shape)
@@ -90,30 +93,25 @@ class EWC(SeqLoRA):
             raise EllaError(f"the EWC state does not fit this model: {len(wrong)} parameter(s), e.g. {wrong[0]}, do "
                             "not train here or differ in shape; load a state saved with the same model and LoRA "
                             "settings")
-        device = next(model.parameters()).device
+        device = device_of(model)
         self.fisher = {name: value.float().to(device) for name, value in self.fisher.items()}
         self.previous = {name: value.float().to(device) for name, value in self.previous.items()}
-        return model
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         if not self.fisher:  # the first task (or λ = 0 throughout): nothing to consolidate
-            return super().penalty(model)
+            return zero(model)
         params = dict(model.named_parameters())
-        device_type = next(model.parameters()).device.type
-        with torch.autocast(device_type, enabled=False):  # the small squared differences in fp32
-            total = sum((fisher * (params[name].float() - self.previous[name]) ** 2).sum()
-                        for name, fisher in self.fisher.items())
-            return self.config.ewc_lambda / 2 * total
+        total = sum((fisher * (params[name].float() - self.previous[name]) ** 2).sum()
+                    for name, fisher in self.fisher.items())
+        return self.config.ewc_lambda / 2 * total
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
-               data: TaskData | None = None) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         if self.config.ewc_lambda > 0:  # F and θ* serve only the penalty: with λ = 0 keep nothing
             data = require_data(data, self.name, "to estimate the Fisher information")
             task_fisher = empirical_fisher(model, data.batches(batch_size=1, limit=self.config.fisher_examples))
             self.fisher = {name: self.fisher.get(name, 0) + value for name, value in task_fisher.items()}
             self.previous = {name: param.detach().float().clone()
                              for name, param in trainable_parameters(model).items()}
-        return super().finish(model, task_index, task, data)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"fisher.{name}": value for name, value in self.fisher.items()},
@@ -127,3 +125,7 @@ class EWC(SeqLoRA):
             raise EllaError("not an EWC state: expected a 'fisher.<parameter>' and a 'previous.<parameter>' tensor "
                             "for every parameter; load the method_state.safetensors of an ewc run")
         self.fisher, self.previous = fisher, previous
+
+
+register_method("ewc", "seqlora+ewc",
+                "SeqLoRA + (λ/2)·Σ F·(θ − θ*)²: online EWC, a Fisher-weighted pull to the previous task's LoRA")

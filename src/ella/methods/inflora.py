@@ -2,7 +2,7 @@
 Continual Learning", CVPR 2024), with the earlier tasks' input subspace kept as in GPM (Saha et al., "Gradient
 Projection Memory for Continual Learning", ICLR 2021).
 
-Each task gets a fresh LoRA ΔW_t = s·B_t·A_t (IncLoRA) whose A_t is designed, not trained. Per adapted module, before
+An update part: each task gets a fresh LoRA ΔW_t = s·B_t·A_t (as ``inclora``) whose A_t is designed, not trained. Per adapted module, before
 training, the inputs x that the task's training examples send into the layer give the covariance C = Σ x xᵀ
 (d_in x d_in, over every token). With M (d_in x k, orthonormal columns) the earlier tasks' input subspace,
 
@@ -32,9 +32,10 @@ from peft.tuners.lora import LoraLayer
 
 from ..data import Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, observe, register, require_data
-from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, check_state_fits, lora_layers
+from .base import UPDATE, TaskData, device_of, hyperparameter, observe, register_method, register_part, require_data
+from .inclora import TaskLoRA
+from .lora import LoraHyperparameters, check_state_fits
+from .w_past import LowRank
 
 
 @dataclass
@@ -94,23 +95,48 @@ def extend_basis(basis: torch.Tensor, covariance: torch.Tensor, threshold: float
     return torch.linalg.qr(torch.cat([basis, vectors[:, :added]], dim=1)).Q
 
 
-@register
-class InfLoRA(IncLoRA):
-    name = "inflora"
-    summary = "IncLoRA with A fixed to the task's top input directions off the earlier tasks' (GPM) subspace; B trains"
+@register_part
+class InfLoRA:
+    name, kind = "inflora", UPDATE
+    summary = "a fresh LoRA per task whose A is fixed to the task's top input directions off the earlier tasks'"
     config_class = InfLoRAHyperparameters
+    default_learning_rate = 1e-3
+    keeps_parameters = False
+    lora_per_task = True
+    low_rank_updates = True
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    def __init__(self, config: InfLoRAHyperparameters):
+        self.config = config
+        self.lora = TaskLoRA(config)  # the task's LoRA, whose A is designed here
         self.bases: dict[str, torch.Tensor] = {}  # module name -> M, the earlier tasks' input subspace (d_in x k)
         self.covariances: dict[str, torch.Tensor] = {}  # module name -> C of the current task
+
+    @property
+    def adapter(self) -> str:
+        return self.lora.adapter
+
+    @property
+    def target_modules(self) -> list[str]:
+        return self.lora.target_modules
+
+    def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
+        self.lora.setup(model, tasks)
+
+    def layers(self, model: torch.nn.Module) -> dict[str, LoraLayer]:
+        return self.lora.layers(model)
+
+    def task_updates(self, model: torch.nn.Module) -> dict[str, LowRank]:
+        return self.lora.task_updates(model)
+
+    def merged_updates(self, model: torch.nn.Module) -> dict[str, LowRank]:
+        return self.lora.merged_updates(model)
 
     def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
                 data: TaskData | None = None) -> torch.nn.Module:
         data = require_data(data, self.name, "to measure the inputs of the adapted layers")
-        model = super().prepare(model, task_index, task, data)
-        adapter, rank = task_adapter(task_index), self.config.lora_r
-        layers = lora_layers(model, adapter)
+        model = self.lora.prepare(model, task_index, task, data)
+        adapter, rank = self.adapter, self.config.lora_r
+        layers = self.layers(model)
         check_state_fits(self.name, {name: (None, basis.shape[0]) for name, basis in self.bases.items()}, layers)
         # with B = 0 the new LoRA leaves every output as it was: these are the model's inputs before the task
         examples = data.batches(batch_size=1, limit=self.config.stats_examples)  # one at a time: no padding tokens
@@ -131,13 +157,13 @@ class InfLoRA(IncLoRA):
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
-        device = next(model.parameters()).device
+        device = device_of(model)
         for name, covariance in self.covariances.items():
             covariance = covariance.to(device)
             self.bases[name] = extend_basis(self.basis(name, covariance), covariance, self.config.gpm_threshold,
                                             covariance.shape[0] - self.config.lora_r)
         self.covariances = {}
-        return super().finish(model, task_index, task, data)
+        return self.lora.finish(model, task_index, task, data)
 
     def basis(self, name: str, covariance: torch.Tensor) -> torch.Tensor:
         """M of module ``name`` next to its covariance (an empty d_in x 0 matrix before the first task)."""
@@ -154,3 +180,7 @@ class InfLoRA(IncLoRA):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.bases = dict(state)
+
+
+register_method("inflora", "inflora",
+                "IncLoRA with A fixed to the task's top input directions off the earlier tasks' (GPM) subspace; B trains")

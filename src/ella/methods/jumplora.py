@@ -1,4 +1,5 @@
-"""JumpLoRA: sparse LoRA updates through JumpReLU gating, on IncLoRA (``jumplora``) or with ELLA (``jumplora-ella``).
+"""JumpLoRA: sparse LoRA updates through JumpReLU gating, an update part: a fresh LoRA per task (as ``inclora``)
+whose update is gated; alone (``jumplora``) or under ELLA's penalty (``jumplora-ella`` = ``jumplora+ella``).
 
 Each adapted matrix receives a gated version of its LoRA product P = B·A, element-wise:
 
@@ -13,8 +14,8 @@ estimators with bandwidth ε: with m = |x| and g the gradient reaching J,
 The interpolation a ramps linearly from 0 to 1 between 20 % and 80 % of each task's optimiser steps and restarts at 0
 for every task. When the ramp starts, θ is reset to the k-th largest |P| of its group, k = the group's LoRA parameter
 count Σ r·(d_in + d_out), so that exactly as many entries survive as LoRA has parameters. After the task the
-hard-gated update s·J_θ(P) is merged into the weights (equivalent to IncLoRA's frozen sum); with λ > 0 ELLA's penalty
-applies to ΔW_eff and W_past accumulates the merged update.
+hard-gated update s·J_θ(P) is merged into the weights (equivalent to IncLoRA's frozen sum). A regulariser sees ΔW_eff
+as the task's update while training (``task_updates``) and the merged s·J_θ(P) at the end (``merged_updates``).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 
 from ..data import Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, register, require_data
-from .ella import ELLA, ELLAHyperparameters, parse_lambdas
-from .lora import block_of, lora_layers
+from .base import UPDATE, TaskData, device_of, hyperparameter, register_method, register_part, require_data
+from .inclora import TaskLoRA
+from .lora import LoraHyperparameters, block_of
 
 SCOPES = ("global", "block")
 
@@ -62,10 +63,7 @@ def ramp(progress: float, start: float, end: float) -> float:
 
 
 @dataclass
-class JumpLoRAHyperparameters(ELLAHyperparameters):
-    lam: float | list[float] = hyperparameter(
-        0.0, "ELLA's penalty weight λ on the gated update (0: JumpLoRA on IncLoRA); one value or one per task",
-        parse_lambdas)
+class JumpLoRAHyperparameters(LoraHyperparameters):
     threshold_scope: str = hyperparameter("global", "one threshold θ for the model ('global') or one per "
                                                     "transformer block ('block')")
     log_threshold_init: float = hyperparameter(-4.7, "initial log θ")
@@ -73,8 +71,6 @@ class JumpLoRAHyperparameters(ELLAHyperparameters):
     ramp_start: float = hyperparameter(0.2, "fraction of each task's steps where the dense-to-sparse ramp starts "
                                             "(and θ is reset to the LoRA parameter budget)")
     ramp_end: float = hyperparameter(0.8, "fraction of each task's steps where the ramp reaches the hard gate")
-    w_past: str = hyperparameter("dense", "how W_past is kept: 'dense' or 'svd' (truncated to --w-past-rank); "
-                                          "the gated updates are sparse, not low-rank, so 'factors' does not apply")
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,12 +80,6 @@ class JumpLoRAHyperparameters(ELLAHyperparameters):
             raise EllaError(f"bandwidth must be positive (got {self.bandwidth})")
         if not 0 <= self.ramp_start < self.ramp_end <= 1:
             raise EllaError(f"need 0 <= ramp_start < ramp_end <= 1 (got {self.ramp_start}, {self.ramp_end})")
-
-
-@dataclass
-class JumpLoRAELLAHyperparameters(JumpLoRAHyperparameters):
-    lam: float | list[float] = hyperparameter(
-        3e4, "ELLA's penalty weight λ on the gated update; one value or one per task", parse_lambdas)
 
 
 class GatedUpdate(LoraVariant):
@@ -122,28 +112,47 @@ class GatedUpdate(LoraVariant):
         return self.method.gated_update(module, active_adapter, self.log_threshold, mix=1.0)
 
 
-@register
-class JumpLoRA(ELLA):
-    name = "jumplora"
-    summary = "IncLoRA whose updates are gated by a learned JumpReLU threshold into sparse ones (JumpLoRA)"
+@register_part
+class JumpLoRA:
+    name, kind = "jumplora", UPDATE
+    summary = "a fresh LoRA per task whose update is gated by a learned JumpReLU threshold into a sparse one"
     config_class = JumpLoRAHyperparameters
+    default_learning_rate = 1e-3
+    keeps_parameters = False
+    lora_per_task = True
+    low_rank_updates = False  # a gated update is sparse, not low-rank
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    def __init__(self, config: JumpLoRAHyperparameters):
+        self.config = config
+        self.lora = TaskLoRA(config)  # the task's LoRA, which the gate reads
         self.mix = 0.0  # the interpolation a
         self.step = self.num_steps = 0
         self.thresholds: dict[str, torch.nn.Parameter] = {}  # group -> log θ
         self.group_of: dict[str, str] = {}  # module name -> its threshold's group
         self.sparsity: dict = {}
 
+    @property
+    def adapter(self) -> str:
+        return self.lora.adapter
+
+    @property
+    def target_modules(self) -> list[str]:
+        return self.lora.target_modules
+
+    def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
+        self.lora.setup(model, tasks)
+
+    def layers(self, model: torch.nn.Module) -> dict[str, LoraLayer]:
+        return self.lora.layers(model)
+
     def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
                 data: TaskData | None = None) -> torch.nn.Module:
         data = require_data(data, self.name, "for its schedule (the number of optimiser steps of the task)")
-        model = super().prepare(model, task_index, task, data)
+        model = self.lora.prepare(model, task_index, task, data)
         self.step, self.num_steps, self.mix = 0, data.num_steps, 0.0
-        device = next(model.parameters()).device
+        device = device_of(model)
         self.thresholds, self.group_of = {}, {}
-        for name, layer in lora_layers(model, self.adapter).items():
+        for name, layer in self.layers(model).items():
             group = self.group_of[name] = "model" if self.config.threshold_scope == "global" else block_of(name)
             if group not in self.thresholds:
                 self.thresholds[group] = torch.nn.Parameter(torch.tensor(self.config.log_threshold_init, device=device))
@@ -159,18 +168,21 @@ class JumpLoRA(ELLA):
             product = mix * jump_gate(product, log_threshold, self.config.bandwidth) + (1 - mix) * product
         return product * layer.scaling[adapter]
 
-    def task_updates(self, model: torch.nn.Module, merged: bool = False) -> dict[str, torch.Tensor]:
+    def task_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The dense ΔW_eff of each module: the one this step's forward pass built (taken once), else built now."""
         updates = {}
-        for name, layer in lora_layers(model, self.adapter).items():
+        for name, layer in self.layers(model).items():
             variant = layer.lora_variant[self.adapter]
-            if merged:
-                updates[name] = variant.hard_update(layer, self.adapter)
-            elif variant.last_update is not None:
+            if variant.last_update is not None:
                 updates[name], variant.last_update = variant.last_update, None
             else:
                 updates[name] = self.gated_update(layer, self.adapter, layer.jump_log_threshold, self.mix)
         return updates
+
+    def merged_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The hard-gated s·J_θ(B·A) that ``finish`` merges."""
+        return {name: layer.lora_variant[self.adapter].hard_update(layer, self.adapter)
+                for name, layer in self.layers(model).items()}
 
     def after_step(self, model: torch.nn.Module) -> None:
         self.step += 1
@@ -185,7 +197,7 @@ class JumpLoRA(ELLA):
         exactly the k largest entries pass the strict gate |x| > θ."""
         magnitudes: dict[str, list[torch.Tensor]] = {}
         budgets: dict[str, int] = {}
-        for name, layer in lora_layers(model, self.adapter).items():
+        for name, layer in self.layers(model).items():
             group = self.group_of[name]
             product = layer.lora_B[self.adapter].weight @ layer.lora_A[self.adapter].weight
             magnitudes.setdefault(group, []).append(product.abs().flatten())
@@ -201,11 +213,16 @@ class JumpLoRA(ELLA):
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
+        if self.step != self.num_steps:
+            raise EllaError(f"jumplora's schedule ran {self.step} of the task's {self.num_steps} optimiser steps, so "
+                            "its threshold and ramp are not where the task should end: call method.after_step(model) "
+                            "after every optimiser step and give prepare the task's real number of steps (ella's "
+                            "run_sequence and Trainer integration do both)")
         with torch.no_grad():
-            merged = self.task_updates(model, merged=True)
+            merged = self.merged_updates(model)
             kept = sum(int(update.count_nonzero()) for update in merged.values())
             budget = sum(layer.lora_A[self.adapter].weight.shape[0] * sum(layer.base_layer.weight.shape)
-                         for layer in lora_layers(model, self.adapter).values())
+                         for layer in self.layers(model).values())
             self.sparsity = {
                 "surviving_entries": kept,
                 "lora_parameters": budget,
@@ -213,14 +230,13 @@ class JumpLoRA(ELLA):
                 "density_per_module": {name: int(u.count_nonzero()) / u.numel() for name, u in merged.items()},
                 "thresholds": {group: float(p.exp()) for group, p in self.thresholds.items()},
             }
-        return super().finish(model, task_index, task, data)
+        return self.lora.finish(model, task_index, task, data)
 
     def report(self) -> dict:
-        return {**super().report(), "sparsity": self.sparsity}
+        return {"sparsity": self.sparsity}
 
 
-@register
-class JumpLoRAELLA(JumpLoRA):
-    name = "jumplora-ella"
-    summary = "JumpLoRA's sparse gated updates under ELLA's penalty λ·Σ‖ΔW_eff ⊙ W_past‖²"
-    config_class = JumpLoRAELLAHyperparameters
+register_method("jumplora", "jumplora",
+                "IncLoRA whose updates are gated by a learned JumpReLU threshold into sparse ones (JumpLoRA)")
+register_method("jumplora-ella", "jumplora+ella",
+                "JumpLoRA's sparse gated updates under ELLA's penalty λ·Σ‖ΔW_eff ⊙ W_past‖²", w_past="dense")

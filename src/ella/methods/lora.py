@@ -13,10 +13,9 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from ..data import Task
 from ..errors import EllaError
 from ..models import is_seq2seq
-from .base import ContinualMethod, hyperparameter
+from .base import hyperparameter
 
 
 def parse_names(text: str) -> list[str]:
@@ -98,16 +97,3 @@ def check_state_fits(method: str, shapes: dict[str, tuple[int | None, int | None
         raise EllaError(f"the {method} state does not fit this model: {len(wrong)} module(s), e.g. {wrong[0]}, are not "
                         f"adapted here or differ in shape; load the method_state.safetensors of a {method} run "
                         "with the same model and target modules")
-
-
-class LoraMethod(ContinualMethod):
-    """Base of the LoRA methods: checks the target modules once, before anything trains."""
-
-    config_class = LoraHyperparameters
-    target_modules: list[str]
-
-    def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
-        self.target_modules = resolve_target_modules(model, self.config.target_modules)
-
-    def describe(self) -> dict:
-        return {**super().describe(), "target_modules": getattr(self, "target_modules", self.config.target_modules)}

@@ -1,7 +1,7 @@
 """O-LoRA: orthogonal subspace learning (Wang et al., "Orthogonal Subspace Learning for Language Model Continual
 Learning", Findings of EMNLP 2023).
 
-Each task trains a fresh LoRA (IncLoRA) under the loss
+A regulariser: each task trains a fresh LoRA (the ``olora`` method is ``inclora+olora``) under the loss
 
     L = CE + λ1 · Σ_m Σ_ij |(A_past^m A_t^mᵀ)_ij| + λ2 · Σ_m (‖A_t^m‖_F + ‖B_t^m‖_F)
 
@@ -23,19 +23,17 @@ import torch
 
 from ..data import Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, register
-from .inclora import IncLoRA, task_adapter
-from .lora import LoraHyperparameters, check_state_fits, lora_layers
+from .base import REGULARISER, TaskData, device_of, hyperparameter, register_method, register_part, zero
+from .lora import check_state_fits
 
 
 @dataclass
-class OLoRAHyperparameters(LoraHyperparameters):
+class OLoRAHyperparameters:
     lambda1: float = hyperparameter(0.5, "weight λ1 of the orthogonality loss Σ|A_past A_newᵀ| between the new "
                                          "task's LoRA A and the earlier tasks' (0: IncLoRA)")
     lambda2: float = hyperparameter(0.0, "weight λ2 of the L2 norms ‖A_new‖ + ‖B_new‖ of the new task's LoRA")
 
     def __post_init__(self):
-        super().__post_init__()
         for name in ("lambda1", "lambda2"):
             if not getattr(self, name) >= 0:
                 raise EllaError(f"{name} must be non-negative (got {getattr(self, name)}); 0 switches its term off")
@@ -46,53 +44,50 @@ def orthogonality_loss(a_past: torch.Tensor, a_new: torch.Tensor) -> torch.Tenso
     return (a_past @ a_new.T).abs().sum()
 
 
-@register
-class OLoRA(IncLoRA):
-    name = "olora"
-    summary = "IncLoRA + λ1·Σ|A_past A_newᵀ|: each task's LoRA A kept orthogonal to the earlier tasks' A's"
+@register_part
+class OLoRA:
+    name, kind = "olora", REGULARISER
+    summary = "λ1·Σ|A_past A_newᵀ|: each task's LoRA A kept orthogonal to the earlier tasks' A's"
     config_class = OLoRAHyperparameters
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    @staticmethod
+    def check_update(update: type) -> None:
+        if not update.lora_per_task:
+            raise EllaError(f"olora keeps each task's LoRA A orthogonal to the earlier ones, but {update.name} has no "
+                            "LoRA per task: combine it with inclora or jumplora")
+
+    def __init__(self, config: OLoRAHyperparameters):
+        self.config = config
         self.a_past: dict[str, torch.Tensor] = {}  # module name -> the earlier tasks' A's, stacked (Σr x d_in)
-        self.adapter = ""
         self.figures: dict[str, float] = {}
 
-    def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
-                data: TaskData | None = None) -> torch.nn.Module:
-        self.adapter = task_adapter(task_index)
-        model = super().prepare(model, task_index, task, data)
+    def prepare(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         check_state_fits(self.name, {name: (None, a.shape[1]) for name, a in self.a_past.items()},
-                         lora_layers(model, self.adapter))
-        device = next(model.parameters()).device
+                         self.update.layers(model))
+        device = device_of(model)
         self.a_past = {name: a.float().to(device) for name, a in self.a_past.items()}
-        return model
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
-        lambda1, lambda2 = self.config.lambda1, self.config.lambda2
+        lambda1, lambda2, adapter = self.config.lambda1, self.config.lambda2, self.update.adapter
         terms = []
-        device_type = next(model.parameters()).device.type
-        with torch.autocast(device_type, enabled=False):  # the overlaps and norms in fp32, also under mixed precision
-            for name, layer in lora_layers(model, self.adapter).items():
-                a_new = layer.lora_A[self.adapter].weight.float()
-                if lambda1 > 0 and name in self.a_past:  # not on the first task: no earlier A's yet
-                    terms.append(lambda1 * orthogonality_loss(self.a_past[name], a_new))
-                if lambda2 > 0:
-                    terms.append(lambda2 * (a_new.norm() + layer.lora_B[self.adapter].weight.float().norm()))
-        return torch.stack(terms).sum() if terms else super().penalty(model)
+        for name, layer in self.update.layers(model).items():
+            a_new = layer.lora_A[adapter].weight.float()
+            if lambda1 > 0 and name in self.a_past:  # not on the first task: no earlier A's yet
+                terms.append(lambda1 * orthogonality_loss(self.a_past[name], a_new))
+            if lambda2 > 0:
+                terms.append(lambda2 * (a_new.norm() + layer.lora_B[adapter].weight.float().norm()))
+        return torch.stack(terms).sum() if terms else zero(model)
 
     @torch.no_grad()
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
-               data: TaskData | None = None) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         had_past, overlap = bool(self.a_past), 0.0
-        for name, layer in lora_layers(model, self.adapter).items():
-            a_new = layer.lora_A[self.adapter].weight.float().clone()
+        for name, layer in self.update.layers(model).items():
+            a_new = layer.lora_A[self.update.adapter].weight.float().clone()
             if name in self.a_past:
                 overlap += orthogonality_loss(self.a_past[name], a_new).item()
                 a_new = torch.cat([self.a_past[name], a_new])
             self.a_past[name] = a_new
         self.figures = {"orthogonality_loss_end": overlap} if had_past else {}
-        return super().finish(model, task_index, task, data)
 
     def report(self) -> dict:
         return self.figures
@@ -102,3 +97,7 @@ class OLoRA(IncLoRA):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.a_past = dict(state)
+
+
+register_method("olora", "inclora+olora",
+                "IncLoRA + λ1·Σ|A_past A_newᵀ|: each task's LoRA A kept orthogonal to the earlier tasks' A's")

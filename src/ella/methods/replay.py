@@ -1,4 +1,5 @@
-"""Replay: SeqLoRA (one LoRA trained through all tasks) that also trains on a small buffer of earlier tasks' examples.
+"""Replay: a data policy that also trains each task on a small buffer of earlier tasks' examples; the ``replay``
+method is ``seqlora+replay`` (one LoRA trained through all tasks), and any update part takes it (``inclora+ella+replay``).
 
 The buffer holds at most ``buffer_size`` tokenized training examples, shared equally among the tasks seen so far:
 after task t each of the t + 1 tasks keeps ``buffer_size // (t + 1)`` of its examples (all of them if it has
@@ -16,31 +17,28 @@ import torch
 
 from ..data import Encoded, Task
 from ..errors import EllaError
-from .base import TaskData, hyperparameter, register
-from .lora import LoraHyperparameters
-from .seqlora import SeqLoRA
+from .base import DATA, TaskData, hyperparameter, register_method, register_part
 
 
 @dataclass
-class ReplayHyperparameters(LoraHyperparameters):
+class ReplayHyperparameters:
     buffer_size: int = hyperparameter(200, "examples kept of the earlier tasks, shared equally among them")
     # not `seed`: the CLI already has --seed (training)
     buffer_seed: int = hyperparameter(42, "seed of the random choice of the examples kept in the buffer")
 
     def __post_init__(self):
-        super().__post_init__()
         if self.buffer_size < 1:
             raise EllaError(f"buffer_size must be at least 1 (got {self.buffer_size})")
 
 
-@register
-class Replay(SeqLoRA):
-    name = "replay"
-    summary = "SeqLoRA that also trains on a small buffer of earlier tasks' examples (experience replay)"
+@register_part
+class Replay:
+    name, kind = "replay", DATA
+    summary = "a small buffer of earlier tasks' examples trained with each task (experience replay)"
     config_class = ReplayHyperparameters
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    def __init__(self, config: ReplayHyperparameters):
+        self.config = config
         self.buffer: dict[int, list[Encoded]] = {}  # task index -> its kept examples, in random order
         self.task_items: list[Encoded] = []  # the current task's own examples, sampled from at its end
 
@@ -49,8 +47,7 @@ class Replay(SeqLoRA):
         self.task_items = sequence[task_index]
         return self.task_items + [item for kept in self.buffer.values() for item in kept]
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
-               data: TaskData | None = None) -> torch.nn.Module:
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         if not self.task_items:
             raise EllaError("replay's finish samples the task's own examples, which training_items(task_index, "
                             "sequence) records: call it before training the task (ella.run_sequence does this)")
@@ -60,7 +57,6 @@ class Replay(SeqLoRA):
         self.buffer[task_index] = [self.task_items[i] for i in order.tolist()]
         self.buffer = {task: kept[:share] for task, kept in self.buffer.items()}
         self.task_items = []  # taken: the next task's finish needs its own training_items call
-        return super().finish(model, task_index, task, data)
 
     def report(self) -> dict:
         return {"replay_buffer": {task: len(kept) for task, kept in self.buffer.items()}}
@@ -91,3 +87,7 @@ class Replay(SeqLoRA):
         labels = state["labels"].split(state["label_lengths"].tolist())
         for task, input_ids, label_ids in zip(state["task"].tolist(), inputs, labels):
             self.buffer.setdefault(task, []).append(Encoded(input_ids.tolist(), label_ids.tolist()))
+
+
+register_method("replay", "seqlora+replay",
+                "SeqLoRA that also trains on a small buffer of earlier tasks' examples (experience replay)")

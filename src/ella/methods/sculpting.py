@@ -1,4 +1,4 @@
-"""Sculpting Subspaces: adaptive-SVD constrained full fine-tuning (no adapters), on peft's OSF tuner.
+"""Sculpting Subspaces: adaptive-SVD constrained full fine-tuning (no adapters), on peft's OSF tuner; an update part.
 
 At the start of every task each target matrix is decomposed afresh, W = U Σ Vᵀ. Its top-k singular directions
 (U_hi, Σ_hi, V_hi) are frozen and the rest (U_lo, Σ_lo, V_lo) trains: W = U_hi Σ_hi V_hiᵀ + U_lo Σ_lo V_loᵀ
@@ -28,7 +28,7 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPI
 
 from ..data import Task
 from ..errors import EllaError
-from .base import ContinualMethod, TaskData, hyperparameter, observe, register, require_data
+from .base import UPDATE, TaskData, hyperparameter, observe, register_method, register_part, require_data
 from .lora import block_of, check_target_modules, parse_names
 
 
@@ -97,16 +97,18 @@ def reproject(layer: OSFLayer, adapter: str) -> None:
         v.copy_((v @ v_low_init.T) @ v_low_init)
 
 
-@register
-class SculptingSubspaces(ContinualMethod):
-    name = "sculpting"
+@register_part
+class SculptingSubspaces:
+    name, kind = "sculpting", UPDATE
     summary = "full fine-tuning kept off each matrix's top singular directions (adaptive SVD, per-block rank)"
     config_class = SculptingHyperparameters
     default_learning_rate = 1e-4
+    keeps_parameters = False  # OSF decomposes every target afresh each task
+    lora_per_task = False
     adapter = "sculpting"
 
-    def __init__(self, config=None, **hyperparameters):
-        super().__init__(config, **hyperparameters)
+    def __init__(self, config: SculptingHyperparameters):
+        self.config = config
         self.retained: dict[str, float] = {}
 
     def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
@@ -141,3 +143,7 @@ class SculptingSubspaces(ContinualMethod):
 
     def report(self) -> dict:
         return {"retained_fraction_per_block": self.retained}
+
+
+register_method("sculpting", "sculpting",
+                "full fine-tuning kept off each matrix's top singular directions (adaptive SVD, per-block rank)")
