@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from ella.cli import main
 
+pytestmark = pytest.mark.slow  # two processes each
+
 HELPERS = Path(__file__).parent / "helpers"
 
 

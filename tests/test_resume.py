@@ -85,6 +85,7 @@ def run(method_name: str, output_dir: Path, **options):
                         output_dir=output_dir, **SETTINGS, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_name", sorted(METHODS))
 def test_a_kill_at_any_write_or_rename_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch, method_name):
     out = tmp_path / "run"
@@ -168,6 +169,7 @@ def test_the_library_refuses_an_occupied_output_directory(tmp_path):
         run("seqlora", out, resume=True, overwrite=True)
 
 
+@pytest.mark.slow
 def test_a_real_kill_9_at_a_random_moment(sequence_file, tmp_path):
     """`ella run` killed with SIGKILL at a random moment, then `--resume`: the same results as a run never killed."""
     command = [sys.executable, "-m", "ella", "run", "--model", "tiny-causal", "--sequence", str(sequence_file),
