@@ -4,8 +4,9 @@ method's numbers fails ``test_every_method_runs_a_two_task_sequence``; when the 
 results), record the new values with ``ELLA_UPDATE_PINS=1 python -m pytest tests/test_end_to_end.py -k every`` and
 say in the commit why they changed.
 
-A fingerprint keeps two numbers per tensor, its sum and its inner product with a fixed random tensor, compared with a
-relative tolerance of 1e-4, loose enough for another CPU's float rounding, far tighter than any change of a formula.
+A fingerprint keeps three numbers per tensor: its mass Σ|x|, its sum and its inner product with a fixed random tensor,
+each compared within 1e-4 of the mass (a sum can cancel to near zero; its rounding cannot exceed the mass's scale):
+loose enough for another CPU's or thread count's float rounding, far tighter than any change of a formula.
 """
 
 import json
@@ -24,7 +25,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
     for name in sorted(tensors):
         value = tensors[name].detach().double().cpu()
         probe = torch.randn(value.shape, generator=generator, dtype=torch.float64)
-        prints[name] = [list(value.shape), value.sum().item(), (value * probe).sum().item()]
+        prints[name] = [list(value.shape), value.abs().sum().item(), value.sum().item(), (value * probe).sum().item()]
     return prints
 
 
@@ -52,7 +53,7 @@ def check(key: str, actual: dict) -> None:
         assert actual[field] == expected[field], f"{key}: {field} differs from the pinned run"
     for kind in ("state", "weights"):
         assert actual[kind].keys() == expected[kind].keys(), f"{key}: the {kind} tensors differ in names"
-        for name, (shape, *values) in expected[kind].items():
+        for name, (shape, mass, *values) in expected[kind].items():
             assert actual[kind][name][0] == shape, f"{key}: {kind} {name} has shape {actual[kind][name][0]}"
-            for got, want in zip(actual[kind][name][1:], values):
-                assert abs(got - want) <= 1e-4 * abs(want) + 1e-6, f"{key}: {kind} {name}: {got} vs pinned {want}"
+            for got, want in zip(actual[kind][name][1:], [mass, *values]):
+                assert abs(got - want) <= 1e-4 * mass + 1e-6, f"{key}: {kind} {name}: {got} vs pinned {want}"

@@ -160,7 +160,8 @@ def test_a_composed_run_resumes_to_the_uninterrupted_run(tmp_path):
     ("seqlora+ella", r"ella penalises each task's own update, which seqlora does not build: combine it with "
                      r"inclora, inflora or jumplora"),
     ("seqft+ella", r"which seqft does not build"),
-    ("sculpting+olora", r"olora keeps each task's LoRA A orthogonal .* but sculpting has no LoRA per task"),
+    ("sculpting+olora", r"olora keeps each task's trained LoRA A orthogonal .* sculpting has no LoRA A that trains"),
+    ("inflora+olora", r"inflora has no LoRA A that trains per task"),
     ("inclora+ewc", r"ewc pulls the parameters .* but inclora trains new ones every task: combine it with seqlora "
                     r"or seqft"),
     ("jumplora+ewc", r"but jumplora trains new ones every task"),
@@ -277,3 +278,19 @@ def test_a_recipe_and_its_explicit_parts_give_the_identical_run(recipe, parts, h
     assert first_weights.keys() == second_weights.keys()
     assert all(torch.equal(first_weights[key], second_weights[key]) for key in first_weights)
     assert {**first.describe(), "name": parts} == second.describe()  # the same settings, only the name differs
+
+
+def test_a_refused_finish_takes_nothing_from_the_task(tasks):
+    """Replay refuses to finish a task whose training_items it never saw; ELLA, which finishes before it, must not
+    have taken the task's update into W_past by then (a second, valid finish would count it twice)."""
+    model, _ = tiny_model()
+    method = get_method("inclora+ella+replay", lam=1.0)
+    method.setup(model, tasks)
+    model = method.prepare(model, 0, tasks[0])
+    with torch.no_grad():  # a non-zero update
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.1)
+    with pytest.raises(EllaError, match="training_items"):
+        method.finish(model, 0, tasks[0])
+    assert method.state_dict() == {}

@@ -197,7 +197,9 @@ class SavedRun:
 
     def method_state(self) -> dict[str, torch.Tensor]:
         path = self.directory / METHOD_STATE
-        return load_file(path) if path.is_file() else {}
+        # copies: a tensor read by safetensors can start off the allocator's alignment, where a small matmul or a sum
+        # may round differently from the same values in memory of their own (as in the uninterrupted run)
+        return {key: value.clone() for key, value in load_file(path).items()} if path.is_file() else {}
 
 
 def commits(output_dir: Path) -> list[tuple[int, Path]]:

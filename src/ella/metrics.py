@@ -1,7 +1,8 @@
 """The field's metrics, as pure functions of the accuracy matrix.
 
 ``a[i][j]`` is the accuracy (%) on task j after training task i (0-based, N tasks); ``a`` is N x N because ella
-evaluates every task after every task, the not-yet-seen ones too.
+evaluates every task after every task, the not-yet-seen ones too (a continued run's earlier rows have None for the
+tasks added later: no metric reads those cells).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ def backward_transfer(a: list[list[float]]) -> float | None:
     return mean(a[n - 1][j] - a[j][j] for j in range(n - 1)) if n > 1 else None
 
 
-def forward_transfer(a: list[list[float]], reference: list[float]) -> float:
-    """FWT = mean_j (a[j][j] - reference[j]).
+def forward_transfer(a: list[list[float]], reference: list[float | None]) -> float | None:
+    """FWT = mean_j (a[j][j] - reference[j]), over the tasks that have a reference (None where none has).
 
     ella's reference is the zero-shot accuracy of the base model before any training (SPEC.md also allows the
-    accuracy of a model trained on task j alone).
+    accuracy of a model trained on task j alone); a task added by continuing a finished run has none (None).
     """
-    return mean(a[j][j] - reference[j] for j in range(len(a)))
+    gains = [a[j][j] - reference[j] for j in range(len(a)) if reference[j] is not None]
+    return mean(gains) if gains else None
 
 
 def forgetting(a: list[list[float]]) -> float | None:

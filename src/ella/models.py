@@ -100,6 +100,12 @@ def _from_pretrained(path: str, name: str, dtype: torch.dtype):
         model = auto_class.from_pretrained(path, dtype=dtype)
     except ValueError as e:  # e.g. a config whose architecture is neither causal nor seq2seq
         raise EllaError(f"{name} cannot be loaded as a {auto_class.__name__}: {e}") from None
+    # Weights read from safetensors can start at any offset of the file's buffer, where vectorised kernels (a sum, a
+    # small matmul) may add in another order than on the same weights elsewhere: a copy of each, in memory of its
+    # own, makes a run depend on the weights only, not on the file they came from (continuing a run relies on it).
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     return model, AutoTokenizer.from_pretrained(path)
 
 

@@ -184,8 +184,10 @@ def run(spec: RunSpec):
         name, hyperparameters = previous.method_settings(spec.method, spec.hyperparameters)
     method = get_method(name, **hyperparameters)
     training, evaluation = spec.training_config(), spec.evaluation_config()
-    if previous is not None and spec.sequence is None and not spec.tasks and spec.order is None:
-        raise EllaError("name the tasks to learn after the continued run's: --tasks, --order or --sequence")
+    if previous is not None:
+        previous.check_evaluation(dataclasses.asdict(evaluation))  # (run_sequence checks it too, for the API)
+        if spec.sequence is None and not spec.tasks and spec.order is None:
+            raise EllaError("name the tasks to learn after the continued run's: --tasks, --order or --sequence")
     tasks, source, order = load_tasks(spec)
     learnt: list = []
     if previous is not None:

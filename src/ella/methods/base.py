@@ -19,7 +19,8 @@ needs, decorated with ``@register_part``; the composed ``ContinualMethod`` calls
         loss = task_loss + method.penalty(model)         # Σ of the regularisers' penalties, fp32, once per step
         loss.backward(); method.after_backward(model)    # edit gradients
         optimizer.step(); method.after_step(model)       # edit parameters, advance schedules
-    model = method.finish(model, t, task, data)         # regularisers and data policy first, then the update merges
+    model = method.finish(model, t, task, data)         # every part's check_finish, then the regularisers and the
+                                                        # data policy take what they keep, then the update merges
     log.update(method.report())                         # every part's own figures for the task
 
 ``setup(model, tasks)`` runs once before the first task to check the configuration against the model, so a mistake
@@ -258,6 +259,7 @@ class ContinualMethod:
                data: TaskData | None = None) -> torch.nn.Module:
         """Close the task: the regularisers and the data policy take what they keep from the task's update (ELLA:
         W_past), then the update part merges it; returns the model."""
+        self._call("check_finish", list(self.parts.values()))  # a part that refuses does so before any part acts
         others = self.regularisers + ([self.data_policy] if self.data_policy else [])
         self._call("finish", others, model, task_index, task, data)
         return self.update.finish(model, task_index, task, data)

@@ -111,7 +111,10 @@ class ELLA:
         lam = self.config.lam
         self.lam_now = lam[task_index] if isinstance(lam, list) else lam
         self.w_past.to(device_of(model))
-        check_state_fits(self.name, self.w_past.shapes(), self.update.layers(model))
+        layers = self.update.layers(model)
+        check_state_fits(self.name, self.w_past.shapes(), layers)
+        # in the model's order, which a loaded state (in its file's order) lacks: the penalty sums in this order
+        self.w_past.modules = {name: self.w_past.modules[name] for name in layers if name in self.w_past.modules}
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         if not self.w_past or self.lam_now == 0:  # the first task: W_past = 0

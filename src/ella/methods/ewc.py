@@ -94,8 +94,9 @@ class EWC:
                             "not train here or differ in shape; load a state saved with the same model and LoRA "
                             "settings")
         device = device_of(model)
-        self.fisher = {name: value.float().to(device) for name, value in self.fisher.items()}
-        self.previous = {name: value.float().to(device) for name, value in self.previous.items()}
+        # in the parameters' order, which a loaded state (in its file's order) lacks: the penalty sums in this order
+        self.fisher = {name: self.fisher[name].float().to(device) for name in params if name in self.fisher}
+        self.previous = {name: self.previous[name].float().to(device) for name in params if name in self.previous}
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         if not self.fisher:  # the first task (or λ = 0 throughout): nothing to consolidate

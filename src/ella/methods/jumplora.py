@@ -211,13 +211,15 @@ class JumpLoRA:
             if threshold > 0:  # an all-zero update (B still 0) keeps the initial threshold
                 self.thresholds[group].fill_(threshold.log())
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
-               data: TaskData | None = None) -> torch.nn.Module:
+    def check_finish(self) -> None:
         if self.step != self.num_steps:
             raise EllaError(f"jumplora's schedule ran {self.step} of the task's {self.num_steps} optimiser steps, so "
                             "its threshold and ramp are not where the task should end: call method.after_step(model) "
                             "after every optimiser step and give prepare the task's real number of steps (ella's "
                             "run_sequence and Trainer integration do both)")
+
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task,
+               data: TaskData | None = None) -> torch.nn.Module:
         with torch.no_grad():
             merged = self.merged_updates(model)
             kept = sum(int(update.count_nonzero()) for update in merged.values())

@@ -52,9 +52,9 @@ class OLoRA:
 
     @staticmethod
     def check_update(update: type) -> None:
-        if not update.lora_per_task:
-            raise EllaError(f"olora keeps each task's LoRA A orthogonal to the earlier ones, but {update.name} has no "
-                            "LoRA per task: combine it with inclora or jumplora")
+        if not update.lora_per_task or update.name == "inflora":  # inflora's A is designed and frozen
+            raise EllaError(f"olora keeps each task's trained LoRA A orthogonal to the earlier ones, but {update.name} "
+                            "has no LoRA A that trains per task: combine it with inclora or jumplora")
 
     def __init__(self, config: OLoRAHyperparameters):
         self.config = config

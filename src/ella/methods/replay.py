@@ -47,10 +47,12 @@ class Replay:
         self.task_items = sequence[task_index]
         return self.task_items + [item for kept in self.buffer.values() for item in kept]
 
-    def finish(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
+    def check_finish(self) -> None:
         if not self.task_items:
             raise EllaError("replay's finish samples the task's own examples, which training_items(task_index, "
                             "sequence) records: call it before training the task (ella.run_sequence does this)")
+
+    def finish(self, model: torch.nn.Module, task_index: int, task: Task, data: TaskData | None = None) -> None:
         share = self.config.buffer_size // (task_index + 1)
         order = torch.randperm(len(self.task_items),
                                generator=torch.Generator().manual_seed(self.config.buffer_seed + task_index))
