@@ -43,7 +43,7 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method_name", sorted(METHODS))
+@pytest.mark.parametrize("method_name", sorted(METHODS) + ["inclora+ella+replay", "jumplora+olora"])
 def test_every_method_trains_inside_a_trainer_with_the_users_pipeline(tmp_path, method_name):
     tasks = toy_tasks()
     model, tokenizer = tiny_model()
