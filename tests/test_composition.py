@@ -294,3 +294,19 @@ def test_a_refused_finish_takes_nothing_from_the_task(tasks):
     with pytest.raises(EllaError, match="training_items"):
         method.finish(model, 0, tasks[0])
     assert method.state_dict() == {}
+
+
+def test_a_second_composition_from_the_command_line(sequence_file, tmp_path, capsys):
+    """JumpLoRA's gated updates under O-LoRA's orthogonality, a combination no recipe names."""
+    out_dir = tmp_path / "run"
+    code = main(["run", "--model", "tiny-causal", "--sequence", str(sequence_file), "--method", "jumplora+olora",
+                 "--lambda1", "0.5", "--threshold-scope", "block", "--train-per-task", "4", "--test-per-task", "2",
+                 "--batch-size", "2", "--max-length", "64", "--mixed-precision", "no", "--eval-mode", "rank",
+                 "--output-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["method"]["name"] == "jumplora+olora" and results["method"]["threshold_scope"] == "block"
+    logs = results["task_logs"]
+    assert all("sparsity" in log for log in logs) and "orthogonality_loss_end" in logs[1]
+    assert logs[1]["penalty_mean"] > 0  # the earlier task's A's are there to be orthogonal to
+    assert owners(load_file(out_dir / "method_state.safetensors")) == {"olora"}
