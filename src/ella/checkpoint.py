@@ -154,10 +154,39 @@ def save_model_state(directory: Path, model: torch.nn.Module, metadata: dict[str
         for name, config in model.peft_config.items():
             write_file(directory / "adapters" / name / "adapter_config.json",
                        lambda path, config=config: config.save_pretrained(path.parent))
+    write_file(directory / RNG, lambda path: save_file(rng_state(), path, metadata))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The random-number state of the CPU and of every GPU."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    write_file(directory / RNG, lambda path: save_file(rng, path, metadata))
+    return rng
+
+
+def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+
+
+def attach_adapters(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """The model wrapped with the peft adapters whose configs ``folder`` holds (one sub-folder each), if any."""
+    for adapter in sorted(folder.iterdir()) if folder.is_dir() else []:
+        config = PeftConfig.from_pretrained(adapter)
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter.name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=adapter.name)
+    return model
+
+
+def read_method_state(path: Path) -> dict[str, torch.Tensor]:
+    """A saved method state ({} where none was saved), as copies: a tensor read by safetensors can start off the
+    allocator's alignment, where a small matmul or a sum may round differently from the same values in memory of
+    their own (as in the uninterrupted run)."""
+    return {key: value.clone() for key, value in load_file(path).items()} if path.is_file() else {}
 
 
 def tasks_done_in(path: Path) -> int | None:
@@ -176,30 +205,17 @@ class SavedRun:
     def load_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as committed (re-wrapped with its live adapters), with the random-number state restored."""
         directory = self.directory
-        adapters = sorted((directory / "adapters").iterdir()) if (directory / "adapters").is_dir() else []
-        for adapter in adapters:
-            config = PeftConfig.from_pretrained(adapter)
-            if isinstance(model, PeftModel):
-                model.add_adapter(adapter.name, config)
-            else:
-                model = get_peft_model(model, config, adapter_name=adapter.name)
+        model = attach_adapters(model, directory / "adapters")
         try:
             load_model(model, directory / MODEL, device=str(next(model.parameters()).device))
         except RuntimeError as e:
             raise EllaError(f"the checkpoint in {directory} does not fit this model ({str(e).splitlines()[0]}); "
                             "resume with the model the run was made with") from None
-        rng = load_file(directory / RNG)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
-                                          if f"cuda{i}" in rng])
+        set_rng_state(load_file(directory / RNG))
         return model
 
     def method_state(self) -> dict[str, torch.Tensor]:
-        path = self.directory / METHOD_STATE
-        # copies: a tensor read by safetensors can start off the allocator's alignment, where a small matmul or a sum
-        # may round differently from the same values in memory of their own (as in the uninterrupted run)
-        return {key: value.clone() for key, value in load_file(path).items()} if path.is_file() else {}
+        return read_method_state(self.directory / METHOD_STATE)
 
 
 def commits(output_dir: Path) -> list[tuple[int, Path]]:

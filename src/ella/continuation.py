@@ -28,11 +28,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import METHOD_STATE, RESULTS, holds_run, read_json, run_status
+from .checkpoint import (METHOD_STATE, RNG, attach_adapters, holds_run, read_json, read_method_state, run_status,
+                         set_rng_state)
 from .data import Task, load_cl_benchmark, load_task_sequence
 from .errors import EllaError
 from .methods import method_fields
@@ -40,22 +41,8 @@ from .methods.base import resolve_parts
 from .models import save_model
 
 RUN_RECORD = "ella_run.json"  # not results.json: `ella report` collects those, and this is a copy
-RNG = "rng.safetensors"
 LIVE_WEIGHTS = "live_adapters.safetensors"
 LIVE_ADAPTERS = "live_adapters"
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
-    return rng
-
-
-def set_rng_state(rng: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
 
 
 def tuner_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -216,26 +203,17 @@ class PreviousRun:
         """The model with its live adapters, the method's state, and then the random-number state of the run's end."""
         model = self._attach_live_adapters(model)
         path = self.model_dir / METHOD_STATE
-        # copies: a tensor read by safetensors can start off the allocator's 64-byte alignment, where a vectorised
-        # sum adds in another order (the penalty's last bits; its gradient, and so the weights, are the same)
-        state = {key: value.clone() for key, value in load_file(path).items()} if path.is_file() else {}
         try:
-            method.load_state_dict(state)
+            method.load_state_dict(read_method_state(path))
         except (KeyError, RuntimeError, ValueError) as e:
             raise EllaError(f"the method state in {path} does not fit {method.name} on this model ({e})") from None
         set_rng_state(load_file(self.model_dir / RNG))
         return model
 
     def _attach_live_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
-        adapters = self.model_dir / LIVE_ADAPTERS
-        if not adapters.is_dir():
+        if not (self.model_dir / LIVE_ADAPTERS).is_dir():
             return model
-        for adapter in sorted(adapters.iterdir()):
-            config = PeftConfig.from_pretrained(adapter)
-            if isinstance(model, PeftModel):
-                model.add_adapter(adapter.name, config)
-            else:
-                model = get_peft_model(model, config, adapter_name=adapter.name)
+        model = attach_adapters(model, self.model_dir / LIVE_ADAPTERS)
         saved = load_file(self.model_dir / LIVE_WEIGHTS)
         expected = tuner_state(model)
         wrong = sorted(set(saved) ^ set(expected)) + sorted(

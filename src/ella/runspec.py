@@ -21,8 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import RESULTS, check_output_dir, run_status
-from .continuation import PreviousRun, rng_state, save_run_model
+from .checkpoint import RESULTS, check_output_dir, rng_state, run_status
+from .continuation import PreviousRun, save_run_model
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig, make_accelerator, run_sequence
 from .errors import EllaError
