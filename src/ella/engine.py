@@ -53,9 +53,13 @@ class TrainingConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     seed: int = 42
     mixed_precision: str = "auto"  # bf16 where the hardware has it, else fp32
+    # Padded tokens of one forward/backward pass per process. A micro-batch larger than this is cut into passes
+    # of examples of similar length (less padding, bounded activations); the step's loss stays the same.
+    tokens_per_pass: int = 512
 
     def __post_init__(self):
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "tokens_per_pass": self.tokens_per_pass}
         for name, value in positive.items():
             if value < 1:
                 raise EllaError(f"{name} must be at least 1 (got {value})")
@@ -192,8 +196,23 @@ def training_schedule(num_items: int, config: TrainingConfig, task_index: int) -
     return steps
 
 
+def training_passes(indices: list[int], lengths: list[int], tokens_per_pass: int) -> list[list[int]]:
+    """A micro-batch (example indices) as forward/backward passes of at most ``tokens_per_pass`` padded tokens each
+    (one example at least): as it is when it fits, else longest first in runs of similar length, so that padding
+    costs little. The passes' gradients add up to the micro-batch's (dropout draws its masks pass by pass)."""
+    if len(indices) * max(lengths[i] for i in indices) <= tokens_per_pass:
+        return [indices]
+    passes = []
+    for i in sorted(indices, key=lambda i: -lengths[i]):  # stable: equal lengths keep their order
+        if passes and (len(passes[-1]) + 1) * lengths[passes[-1][0]] <= tokens_per_pass:
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
 class ProcessShare:
-    """This process's rows of a global micro-batch: a contiguous slice, as even as possible. A process left without
+    """This process's rows of a global pass: a contiguous slice, as even as possible. A process left without
     a row (a batch smaller than the number of processes) runs the batch's first row with weight 0, so that it still
     takes part in the gradient averaging."""
 
@@ -288,10 +307,13 @@ def train_task(model, method: ContinualMethod, task_index: int, task: Task, item
     model.train()
     bar = tqdm(total=len(schedule), desc=f"train {task_index + 1}/{num_tasks} {task.name}",
                disable=not accelerator.is_local_main_process, leave=False)
+    lengths = [len(item.input_ids) for item in items]
     with process_invariant_dropout(share):
         for step, micro_batches in enumerate(schedule, 1):
-            batches = [collate([items[i] for i in indices], tokenizer.pad_token_id, seq2seq)
-                       for indices in micro_batches]
+            # every process takes its share of each pass, so a pass holds up to tokens_per_pass per process
+            passes = [p for indices in micro_batches
+                      for p in training_passes(indices, lengths, config.tokens_per_pass * share.processes)]
+            batches = [collate([items[i] for i in indices], tokenizer.pad_token_id, seq2seq) for indices in passes]
             answer_tokens = sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
             nll_sum = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):

@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from .data import IGNORE_INDEX, Task, TaskEncoder, collate
+from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .models import hf_model, is_seq2seq
 from .scores import ANSWER_METRICS
@@ -46,8 +46,11 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative log-likelihood of each answer token, (B, K), and the mask of real answer tokens, (B, K).
 
-    Causal batches are left-padded, so all answers end at the last position: logits are computed for the last
-    K+1 positions only (K = the longest answer), which skips the vocabulary projection of the whole prompt.
+    Causal batches are left-padded, so all answers end at the last position: logits are computed only for the K
+    positions that predict them (K = the longest answer), which skips the vocabulary projection of the whole
+    prompt. The positions go to the model as a tensor: the hidden states it selects are then contiguous, and the
+    projection is one matrix product (a slice of the last K+1 positions made it a batched product that repeats the
+    vocabulary matrix for every row, many times slower on a CPU).
     """
     labels = batch["labels"]
     if is_seq2seq(model):
@@ -57,11 +60,13 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
         answer_columns = (labels != IGNORE_INDEX).any(0).nonzero()
         k = labels.shape[1] - int(answer_columns[0]) if len(answer_columns) else 1
         mask = batch["attention_mask"]
+        width = labels.shape[1]
+        predicting = torch.arange(width - k - 1, width - 1, device=labels.device)
         keeps_logits = "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
-        kept = {"logits_to_keep": k + 1} if keeps_logits else {}
-        out = model(input_ids=batch["input_ids"], attention_mask=mask,
-                    position_ids=positions(mask), **kept)
-        logits = out.logits[:, -(k + 1):-1]
+        kept = {"logits_to_keep": predicting} if keeps_logits else {}
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                       **kept).logits
+        logits = logits if keeps_logits else logits[:, predicting]
         targets = labels[:, -k:]
     return token_nll(logits, targets), targets != IGNORE_INDEX
 
@@ -89,19 +94,23 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     if mode not in EVAL_MODES:
         raise EllaError(f"unknown evaluation mode {mode!r}: choose one of {', '.join(EVAL_MODES)}")
     model.eval()
+    seq2seq = is_seq2seq(model)
+    prompts = encoder.generation(task.test)
+    # a prompt keeps one token after the prefix at least: the one that predicts the answer
+    shared = encoder.shared_prefix()[:min(len(prompt.input_ids) for prompt in prompts) - 1]
+    prefix = None if seq2seq else SharedPrefix(model, shared, accelerator.device)
     if mode == "rank":
-        predict = _rank_predictor(model, task, encoder)
+        predict = _rank_predictor(model, task, encoder, prefix)
     else:
         new_tokens = max_new_tokens or encoder.longest_target + 4  # room for trailing punctuation
-        predict = _generation_predictor(model, tokenizer, new_tokens)
-    prompts = encoder.generation(task.test)
+        predict = _generation_predictor(model, tokenizer, new_tokens, prefix)
     share = list(range(accelerator.process_index, len(prompts), accelerator.num_processes))
-    seq2seq = is_seq2seq(model)
     predicted = []  # (example index, prediction) of this process's share
     for places in tqdm(list(batches([prompts[i] for i in share], batch_size)), desc=progress, leave=False,
                        disable=not accelerator.is_local_main_process):  # places: indices into the share
         indices = [share[p] for p in places]
-        batch = collate([prompts[i] for i in indices], tokenizer.pad_token_id, seq2seq)
+        rests = [prompts[i] if prefix is None else prefix.rest(prompts[i]) for i in indices]
+        batch = collate(rests, tokenizer.pad_token_id, seq2seq)
         with accelerator.autocast():
             predicted += zip(indices, predict({k: v.to(accelerator.device) for k, v in batch.items()}))
     predictions = [""] * len(prompts)
@@ -111,30 +120,61 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     return TaskScore(sum(score(p, e) for p, e in zip(predictions, task.test)) / len(task.test), predictions)
 
 
-def _generation_predictor(model, tokenizer, max_new_tokens: int):
-    """Batch -> greedy continuations, as text."""
+class SharedPrefix:
+    """The tokens every prompt of a causal task starts with (BOS and the instruction with its options: 30-55 of
+    the CL benchmark's ~150), run through the model once per evaluation. A batch then runs only the rest of its
+    prompts, after a copy of this key/value cache: the same attention and positions as the whole prompt (the left
+    padding of the rests sits between prefix and rest, masked out)."""
+
+    def __init__(self, model, ids: list[int], device):
+        self.model, self.ids, self.cache = model, torch.tensor([ids], device=device), None
+
+    def rest(self, prompt: Encoded) -> Encoded:
+        return Encoded(prompt.input_ids[self.ids.shape[1]:])
+
+    def batch(self, rests: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], DynamicCache]:
+        """Whole prompts (prefix + left-padded rests) and a cache of the prefix for each of their rows."""
+        rows = len(rests["input_ids"])
+        whole = {"input_ids": torch.cat([self.ids.expand(rows, -1), rests["input_ids"]], 1),
+                 "attention_mask": torch.cat([torch.ones_like(self.ids).expand(rows, -1), rests["attention_mask"]], 1)}
+        if self.cache is None:  # at the first batch, after the predictor's checks of the model
+            self.cache = DynamicCache()
+            if self.ids.shape[1]:
+                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, self.cache))
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return whole, cache
+
+
+def _generation_predictor(model, tokenizer, max_new_tokens: int, prefix: SharedPrefix | None):
+    """Batch (of prompt rests, after the prefix) -> greedy continuations, as text."""
     seq2seq = is_seq2seq(model)
     config = copy.deepcopy(hf_model(model).generation_config)
     config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None,
                   top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
     def predict(batch: dict[str, torch.Tensor]) -> list[str]:
-        out = model.generate(**batch, generation_config=config)
+        cache = {}
+        if prefix is not None:
+            batch, prefix_cache = prefix.batch(batch)
+            cache = with_cache(model, prefix_cache)
+        out = model.generate(**batch, **cache, generation_config=config)
         continuation = out if seq2seq else out[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in tokenizer.batch_decode(continuation, skip_special_tokens=True)]
 
     return predict
 
 
-def _rank_predictor(model, task: Task, encoder: TaskEncoder):
-    """Batch -> the most likely label of each prompt."""
+def _rank_predictor(model, task: Task, encoder: TaskEncoder, prefix: SharedPrefix | None):
+    """Batch (of prompt rests, after the prefix) -> the most likely label of each prompt."""
     if not task.labels:
         raise EllaError(f"rank classification needs a label set, and task {task.name} has none; "
                         "give the task \"labels\" or use --eval-mode generate")
     options = [encoder.target_ids(label) for label in task.labels]
 
     def predict(batch: dict[str, torch.Tensor]) -> list[str]:
-        return [task.labels[best] for best in option_log_likelihoods(model, batch, options).argmax(1).tolist()]
+        scores = option_log_likelihoods(model, batch, options, prefix)
+        return [task.labels[best] for best in scores.argmax(1).tolist()]
 
     return predict
 
@@ -142,8 +182,10 @@ def _rank_predictor(model, task: Task, encoder: TaskEncoder):
 OPTION_TOKENS_PER_PASS = 256  # scored option tokens per prompt in one forward pass: bounds the logits' memory
 
 
-def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[list[int]]) -> torch.Tensor:
-    """log p(option | prompt) for every prompt of the batch and every option (token ids ending with EOS), (E, K).
+def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[list[int]],
+                           prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """log p(option | prompt) for every prompt of the batch and every option (token ids ending with EOS), (E, K);
+    with a causal ``prefix``, the batch holds the prompts' rests after it.
 
     The prompt is encoded once, and the options are scored together, in one pass per group of options: a causal LM
     keeps the prompt's key/value cache and reads all options as one continuation whose attention mask lets each
@@ -159,18 +201,21 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
         return scores
     form = custom_mask_form(model)
     window = sliding_window(model)
-    longest = int(mask.sum(1).max()) + max(map(len, options)) - 1  # prompt + option, less its last target (EOS)
+    prefix_length = prefix.ids.shape[1] if prefix is not None else 0
+    longest = prefix_length + int(mask.sum(1).max()) + max(map(len, options)) - 1  # prompt + option, less its EOS
     if window is not None and longest > window:
         raise EllaError(f"rank classification would let the label options see farther back than this model's "
                         f"sliding attention window ({window} tokens; prompt and option take {longest}): evaluate "
                         "with --eval-mode generate, or lower --max-length below the window")
     # Full cache layers even for sliding-window ones: each group of options is cropped off again after its pass.
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask), use_cache=True,
-                past_key_values=DynamicCache(), logits_to_keep=1)
+    whole, cache = prefix.batch(batch) if prefix is not None else (batch, DynamicCache())
+    mask, rest = whole["attention_mask"], batch["input_ids"]
+    out = model(input_ids=rest, attention_mask=mask, position_ids=positions(mask)[:, -rest.shape[1]:], use_cache=True,
+                logits_to_keep=1, **with_cache(model, cache))
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
     scores += first[:, [option[0] for option in options]]
     for group in option_groups(options):
-        scores[:, group] += _causal_option_scores(model, out.past_key_values, mask, [options[k] for k in group],
+        scores[:, group] += _causal_option_scores(model, cache, mask, [options[k] for k in group],
                                                      form)
     return scores
 
@@ -211,11 +256,18 @@ def _causal_option_scores(model, cache, mask: torch.Tensor, options: list[list[i
     if form == "eager":
         dtype = hf_model(model).dtype
         sees = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
-    logits = model(input_ids=inputs.expand(rows, -1), past_key_values=cache, use_cache=True, attention_mask=sees,
+    logits = model(input_ids=inputs.expand(rows, -1), **with_cache(model, cache), use_cache=True, attention_mask=sees,
                    position_ids=mask.sum(1, keepdim=True) + offset).logits
     cache.crop(-steps)  # back to the prompt alone for the next group
     per_token = -token_nll(logits, targets.expand(rows, -1))
     return torch.zeros(rows, len(options), device=mask.device).index_add_(1, owner, per_token)
+
+
+def with_cache(model, cache: DynamicCache) -> dict:
+    """The keyword that hands a key/value cache to the model: ``cache`` where the model takes it (transformers
+    5.24, the version tested, warns about the older ``past_key_values``), else ``past_key_values``."""
+    accepts_cache = "cache" in inspect.signature(hf_model(model).forward).parameters
+    return {"cache" if accepts_cache else "past_key_values": cache}
 
 
 def custom_mask_form(model) -> str:

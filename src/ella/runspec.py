@@ -88,6 +88,9 @@ class RunSpec:
     mixed_precision: str = option("auto", "auto: bf16 where the CPU/GPU supports it, else fp32", "training",
                                   list(MIXED_PRECISION))
     seed: int = option(42, "seed of subsampling, initialisation and shuffling", "training")
+    tokens_per_pass: int = option(512, "padded tokens of one forward/backward pass per process: a larger "
+                                  "micro-batch is cut into passes of examples of similar length (bounds memory, "
+                                  "saves padding; the step's loss is the same)", "training")
     # evaluation
     eval_mode: str = option("generate", "; ".join(f"{k}: {v}" for k, v in EVAL_MODES.items()), "evaluation",
                             list(EVAL_MODES))
@@ -139,7 +142,7 @@ class RunSpec:
         return TrainingConfig(epochs=self.epochs, learning_rate=self.lr, batch_size=self.batch_size,
                               grad_accum=self.grad_accum, max_length=self.max_length, warmup_ratio=self.warmup_ratio,
                               weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-                              mixed_precision=self.mixed_precision)
+                              mixed_precision=self.mixed_precision, tokens_per_pass=self.tokens_per_pass)
 
     def evaluation_config(self) -> EvaluationConfig:
         return EvaluationConfig(mode=self.eval_mode, batch_size=self.eval_batch_size,

@@ -58,6 +58,10 @@ class TaskEncoder:
         text = output if self.seq2seq else " " + output  # causal: the natural continuation of "Answer:"
         return self._ids(text)[: self.target_budget - 1] + [self.tokenizer.eos_token_id]
 
+    def shared_prefix(self) -> list[int]:
+        """The tokens every prompt starts with (the instruction and options, after BOS)."""
+        return self.head + self.prefix
+
     def prompts(self, examples: list[Example]) -> list[list[int]]:
         inputs = self.tokenizer([e.input for e in examples], add_special_tokens=False).input_ids if examples else []
         budget = self.input_budget

@@ -1,0 +1,318 @@
+"""How close ella's training step and evaluation come to the machine's limit, against a plain training loop.
+
+    python benchmarks/speed.py            # about 25 minutes on 2 AVX2 cores
+    python benchmarks/speed.py --quick    # one round, one task: a look in about 8 minutes
+
+SmolLM2-135M on the Standard CL prompts of order 1 (batch 8, max length 256, rank-8 LoRA on q and v, the
+precision ella chooses for this CPU). Measured in one run, each part in processes of its own (peak memory is the
+process's own):
+- the machine: its matrix-multiply throughput in that precision (the best of the model's own shapes and a square
+  one), the CPU model and instruction set;
+- training: the same optimiser steps (the batches of ella's schedule) by ella's engine (``train_task``) and by a
+  plain transformers + peft loop (full logits, each batch padded to its longest row, HF's own loss), alternating
+  round by round; the ratio of their step times, their peak memory, and ella's step against the time its FLOPs need
+  at the measured throughput (FLOPs counted by torch's FlopCounterMode on the same examples one at a time, no
+  padding: the work the step cannot avoid);
+- evaluation: examples per second of greedy generation and rank classification, with and without the shared
+  prefix's cache, against the time their counted FLOPs need.
+Writes benchmarks/results/speed.md and speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import ella
+from ella.data import IGNORE_INDEX, TaskEncoder
+from ella.engine import TrainingConfig, make_accelerator, resolve_mixed_precision, train_task, training_schedule
+from ella.evaluation import answer_token_nll, evaluate_task
+from ella.methods.lora import LoRAHyperparameters
+
+RESULTS = Path(__file__).parent / "results"
+MAX_LENGTH, BATCH, TRAIN_EXAMPLES = 256, 8, 32  # 4 optimiser steps per task
+EVAL_EXAMPLES = 48
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine
+
+
+def machine() -> dict:
+    flags = set()
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model_name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = next((name for name, flag in (("AMX", "amx_tile"), ("AVX-512 BF16", "avx512_bf16"),
+                                        ("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags), "other")
+    return {"cpu": model_name, "instruction_set": isa, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "precision": resolve_mixed_precision("auto")}
+
+
+def matmul_throughput(dtype: torch.dtype, repeats: int) -> dict:
+    """FLOP/s of ``x @ w`` for the step's shapes (512 tokens x SmolLM2's q/o, k/v, MLP matrices) and a square one:
+    the median of ``repeats`` timings each; the machine's limit is the best of them."""
+    shapes = {"512x576x576": (512, 576, 576), "512x576x192": (512, 576, 192), "512x576x1536": (512, 576, 1536),
+              "512x1536x576": (512, 1536, 576), "2048x2048x2048": (2048, 2048, 2048)}
+    out = {}
+    for label, (m, k, n) in shapes.items():
+        x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        x @ w  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            x @ w
+            times.append(time.perf_counter() - start)
+        out[label] = 2 * m * k * n / statistics.median(times)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: ella's engine and a plain loop on the same steps
+
+
+def training_data(tasks_used: int):
+    model, tokenizer = ella.load_model("smollm2-135m")
+    tasks = ella.load_cl_benchmark("standard", 1, train_per_task=TRAIN_EXAMPLES, test_per_task=1)[:tasks_used]
+    items = [TaskEncoder(tokenizer, task, MAX_LENGTH, False).training(task.train) for task in tasks]
+    return model, tokenizer, tasks, items
+
+
+def ella_training(tasks_used: int) -> dict:
+    """ella's ``train_task`` (IncLoRA: a fresh LoRA per task) over the tasks' first steps."""
+    model, tokenizer, tasks, items = training_data(tasks_used)
+    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+    accelerator = make_accelerator(config)
+    method = ella.get_method("inclora")
+    method.setup(model, tasks)
+    seconds, steps = 0.0, 0
+    for t, task in enumerate(tasks):
+        model, log = train_task(model, method, t, task, items[t], tokenizer, accelerator, config, len(tasks))
+        seconds += log["train_seconds"]
+        steps += log["optimizer_steps"]
+    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_rss()}
+
+
+def plain_training(tasks_used: int) -> dict:
+    """The loop a user writes first: peft's LoRA (ella's rank, alpha, dropout and targets), each batch padded on the
+    right to its longest row, ``model(**batch, labels=...)`` (full logits, transformers' loss), AdamW, clipping."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_constant_schedule_with_warmup
+
+    model, tokenizer, tasks, items = training_data(tasks_used)
+    lora = LoRAHyperparameters()
+    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+    precision = resolve_mixed_precision("auto")
+    seconds, steps = 0.0, 0
+    for t in range(len(tasks)):
+        model = get_peft_model(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha,
+                                                 lora_dropout=lora.lora_dropout, target_modules=["q_proj", "v_proj"]))
+        schedule = training_schedule(len(items[t]), config, t)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        scheduler = get_constant_schedule_with_warmup(optimizer, int(0.1 * len(schedule)))
+        model.train()
+        start = time.perf_counter()
+        for (micro_batch,) in schedule:
+            batch = right_padded([items[t][i] for i in micro_batch], tokenizer.pad_token_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        seconds += time.perf_counter() - start
+        steps += len(schedule)
+        model = model.merge_and_unload()
+    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_rss()}
+
+
+def right_padded(rows, pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(row.input_ids) for row in rows)
+    fill = [width - len(row.input_ids) for row in rows]
+    return {"input_ids": torch.tensor([row.input_ids + [pad_token_id] * f for row, f in zip(rows, fill)]),
+            "attention_mask": torch.tensor([[1] * len(row.input_ids) + [0] * f for row, f in zip(rows, fill)]),
+            "labels": torch.tensor([row.labels + [IGNORE_INDEX] * f for row, f in zip(rows, fill)])}
+
+
+def necessary_training_flops(tasks_used: int) -> dict:
+    """FLOPs of the measured steps' forward and backward passes with every example alone (no padding), answer-only
+    loss, a LoRA attached: what any engine must compute (the optimiser's own work is negligible)."""
+    model, tokenizer, tasks, items = training_data(tasks_used)
+    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+    method = ella.get_method("inclora")
+    method.setup(model, tasks)
+    total, tokens = 0, 0
+    model = method.prepare(model, 0, tasks[0], None)
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for t in range(len(tasks)):
+            for (micro_batch,) in training_schedule(len(items[t]), config, t):
+                for i in micro_batch:
+                    row = items[t][i]
+                    batch = {"input_ids": torch.tensor([row.input_ids]), "labels": torch.tensor([row.labels]),
+                             "attention_mask": torch.ones(1, len(row.input_ids), dtype=torch.long)}
+                    nll, mask = answer_token_nll(model, batch)
+                    (nll.sum() / mask.sum()).backward()
+                    tokens += len(row.input_ids)
+    total = counter.get_total_flops()
+    steps = sum(len(training_schedule(len(items[t]), config, t)) for t in range(len(tasks)))
+    return {"flops_per_step": total / steps, "tokens_per_step": tokens / steps}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluation(shared_prefix: bool) -> dict:
+    """Examples per second of both modes on dbpedia (14 labels) and agnews (4), batch 16; with their FLOPs."""
+    model, tokenizer = ella.load_model("smollm2-135m")
+    accelerator = make_accelerator(TrainingConfig())
+    out = {}
+    for name in ("dbpedia", "agnews"):
+        (task,) = ella.load_cl_benchmark(tasks=[name], train_per_task=1, test_per_task=EVAL_EXAMPLES)
+        encoder = TaskEncoder(tokenizer, task, MAX_LENGTH, False)
+        if not shared_prefix:
+            encoder.shared_prefix = list  # no prefix: every batch runs its whole prompts
+        for mode in ("generate", "rank"):
+            evaluate_task(model, tokenizer, task, encoder, mode, 16, accelerator)  # warm-up
+            start = time.perf_counter()
+            score = evaluate_task(model, tokenizer, task, encoder, mode, 16, accelerator)
+            seconds = time.perf_counter() - start
+            counter = FlopCounterMode(display=False)
+            with counter:
+                evaluate_task(model, tokenizer, task, encoder, mode, 16, accelerator)
+            out[f"{name}, {mode}"] = {"examples_per_second": len(task.test) / seconds,
+                                      "flops_per_example": counter.get_total_flops() / len(task.test),
+                                      "accuracy": score.accuracy}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+PROBES = {"ella": ella_training, "plain": plain_training, "flops": necessary_training_flops,
+          "eval": lambda tasks: evaluation(True), "eval-no-prefix": lambda tasks: evaluation(False)}
+
+
+def probe(name: str, tasks_used: int) -> dict:
+    """One probe in a process of its own."""
+    command = [sys.executable, __file__, "--probe", name, "--tasks", str(tasks_used)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def measure(rounds: int, tasks_used: int) -> dict:
+    results = {"machine": machine(), "date": date.today().isoformat(), "rounds": rounds, "tasks": tasks_used}
+    dtype = torch.bfloat16 if results["machine"]["precision"] == "bf16" else torch.float32
+    results["matmul_flops_per_second"] = {str(d).removeprefix("torch."): matmul_throughput(d, 10)
+                                          for d in (torch.float32, torch.bfloat16)}
+    results["limit_flops_per_second"] = max(results["matmul_flops_per_second"][str(dtype).removeprefix("torch.")]
+                                            .values())
+    runs = {"ella": [], "plain": []}
+    for r in range(rounds):
+        for name in runs:
+            runs[name].append(probe(name, tasks_used))
+            print(f"round {r + 1}: {name} {runs[name][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
+    results["training"] = runs
+    results["step_ratio"] = [e["step_seconds"] / p["step_seconds"] for e, p in zip(runs["ella"], runs["plain"])]
+    results["training_flops"] = probe("flops", tasks_used)
+    results["evaluation"] = {"with shared prefix": probe("eval", tasks_used),
+                             "whole prompts": probe("eval-no-prefix", tasks_used)}
+    return results
+
+
+def write_report(results: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(results, indent=1) + "\n")
+    m, limit = results["machine"], results["limit_flops_per_second"]
+    ella_step = statistics.median(r["step_seconds"] for r in results["training"]["ella"])
+    plain_step = statistics.median(r["step_seconds"] for r in results["training"]["plain"])
+    flops = results["training_flops"]
+    needed = flops["flops_per_step"] / limit
+    lines = [
+        "# Speed of ella's engine", "",
+        f"Measured by `python benchmarks/speed.py{' --quick' if results['rounds'] == 1 else ''}` on "
+        f"{m['cpu']} ({m['instruction_set']}), {m['threads']} threads, torch {m['torch']}, {results['date']}; "
+        f"precision: {'bf16 autocast' if m['precision'] == 'bf16' else 'fp32'} (ella's choice for this CPU). "
+        "Every figure comes from that one run; speed.json has them all.", "",
+        "## The machine's limit", "",
+        "Matrix products `x @ w` (median of 10), TFLOP/s:", "",
+        "| shape (m x k x n) | " + " | ".join(results["matmul_flops_per_second"]) + " |",
+        "|---|" + "---:|" * len(results["matmul_flops_per_second"]),
+    ]
+    shapes = next(iter(results["matmul_flops_per_second"].values()))
+    for shape in shapes:
+        lines.append(f"| {shape} | " + " | ".join(f"{results['matmul_flops_per_second'][d][shape] / 1e12:.3f}"
+                                                  for d in results["matmul_flops_per_second"]) + " |")
+    lines += ["", f"The limit used below: {limit / 1e12:.3f} TFLOP/s, the best of the column of ella's precision.", "",
+              "## Training step", "",
+              f"SmolLM2-135M, the first {BATCH * 4 // BATCH} optimiser steps of each of {results['tasks']} task(s) "
+              f"of Standard CL order 1 (batch {BATCH}, max length {MAX_LENGTH}, rank-8 LoRA on q and v, dropout "
+              f"0.1), {results['rounds']} round(s), ella and the plain loop alternating, each in its own process.",
+              "",
+              "| | step (s, median over rounds) | peak memory (GB) |", "|---|---:|---:|",
+              f"| plain transformers + peft loop | {plain_step:.2f} | "
+              f"{max(r['peak_rss_bytes'] for r in results['training']['plain']) / 1e9:.2f} |",
+              f"| ella (`train_task`) | {ella_step:.2f} | "
+              f"{max(r['peak_rss_bytes'] for r in results['training']['ella']) / 1e9:.2f} |", "",
+              f"- ella / plain loop, per round: {', '.join(f'{r:.2f}' for r in results['step_ratio'])} "
+              f"(median {statistics.median(results['step_ratio']):.2f}).",
+              f"- The step's necessary work: {flops['flops_per_step'] / 1e9:.0f} GFLOP over "
+              f"{flops['tokens_per_step']:.0f} real tokens; at {limit / 1e12:.3f} TFLOP/s that takes {needed:.2f} s, "
+              f"so ella's step is {ella_step / needed:.2f} x the machine's limit (the plain loop "
+              f"{plain_step / needed:.2f} x).", "",
+              "## Evaluation", "",
+              f"{EVAL_EXAMPLES} test examples per task, batch 16; FLOPs counted on the same evaluation. 'x limit': "
+              "the time taken over the time its counted FLOPs need at the limit.", "",
+              "| task, mode | prompts | examples/s | GFLOP/example | x limit | accuracy |",
+              "|---|---|---:|---:|---:|---:|"]
+    for variant, rows in results["evaluation"].items():
+        for label, row in rows.items():
+            lines.append(f"| {label} | {variant} | {row['examples_per_second']:.2f} | "
+                         f"{row['flops_per_example'] / 1e9:.1f} | "
+                         f"{row['flops_per_example'] / limit * row['examples_per_second']:.2f} | "
+                         f"{row['accuracy']:.1f} |")
+    (RESULTS / "speed.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round on one task")
+    parser.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(PROBES[args.probe](args.tasks)))
+        return
+    results = measure(rounds=1 if args.quick else 3, tasks_used=1 if args.quick else 4)
+    write_report(results)
+    print((RESULTS / "speed.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The speed-ups change no result: passes of similar length train as the whole micro-batch, and evaluating the
+rests of prompts after a shared prefix's cache predicts and scores as the whole prompts."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from ella import get_method
+from ella.data import Example, Task, TaskEncoder, collate
+from ella.engine import TrainingConfig, run_sequence, training_passes
+from ella.evaluation import SharedPrefix, evaluate_task, option_log_likelihoods
+from ella.models import tiny_model
+
+
+def test_a_micro_batch_that_fits_is_one_pass_in_its_order():
+    assert training_passes([3, 0, 2], [10, 50, 20, 40], tokens_per_pass=150) == [[3, 0, 2]]  # 3 rows x 50
+
+
+def test_a_larger_micro_batch_is_cut_longest_first_within_the_budget():
+    lengths = [10, 30, 20, 40, 30]
+    # longest first: 40 | 30, 30 (2 x 30 = 60) | 20, 10 (2 x 20 = 40; 3 x 20 = 60 with no third left)
+    assert training_passes([0, 1, 2, 3, 4], lengths, tokens_per_pass=60) == [[3], [1, 4], [2, 0]]
+    assert training_passes([0, 3], lengths, tokens_per_pass=5) == [[3], [0]]  # one example at least
+
+
+def mixed_length_tasks() -> list[Task]:
+    """Inputs of 1 to 40 characters: rows of very different lengths in every micro-batch."""
+    words = ["red", "blue"]
+    train = [Example("x" * (1 + (7 * i) % 40), words[i % 2]) for i in range(16)]
+    test = [Example("y" * (1 + (5 * i) % 30), words[i % 2]) for i in range(4)]
+    return [Task("colour", train, test, labels=words, prefix="Colour? ")]
+
+
+def test_passes_train_as_the_whole_micro_batch():
+    """Without dropout, the same steps: the same losses and the same merged weights, to float rounding."""
+    results = []
+    for tokens_per_pass in (10_000, 40):  # one pass per micro-batch of 8; passes of one to a few rows
+        model, tokenizer = tiny_model()
+        method = get_method("inclora", lora_dropout=0.0)
+        training = TrainingConfig(batch_size=8, learning_rate=1e-2, mixed_precision="no",
+                                  tokens_per_pass=tokens_per_pass)
+        model, result = run_sequence(model, tokenizer, mixed_length_tasks(), method, training)
+        results.append((result.task_logs[0]["steps"]["loss"], model.state_dict()))
+    (losses, weights), (cut_losses, cut_weights) = results
+    torch.testing.assert_close(cut_losses, losses, rtol=1e-5, atol=1e-6)
+    for name, weight in weights.items():
+        torch.testing.assert_close(cut_weights[name], weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prompt_rests_after_the_shared_prefix_score_as_whole_prompts(tasks, attention):
+    model, tokenizer = tiny_model()
+    model.set_attn_implementation(attention)
+    model.eval()
+    task = tasks[1]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    prompts = encoder.generation(task.test)
+    prefix = SharedPrefix(model, encoder.shared_prefix(), "cpu")
+    assert prefix.ids.shape[1] == len(encoder.head) + len("Parity? ")  # the byte tokenizer: one token per byte
+    options = [encoder.target_ids(label) for label in task.labels]
+    with torch.no_grad():
+        whole = option_log_likelihoods(model, collate(prompts, tokenizer.pad_token_id, False), options)
+        rests = collate([prefix.rest(p) for p in prompts], tokenizer.pad_token_id, False)
+        after_prefix = option_log_likelihoods(model, rests, options, prefix)
+    torch.testing.assert_close(after_prefix, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_generation_after_the_shared_prefix_predicts_as_whole_prompts(tasks):
+    """evaluate_task (prefix cache, batches of rests) against plain greedy generation of each whole prompt."""
+    model, tokenizer = tiny_model(seed=3)  # its continuations differ from prompt to prompt
+    task = tasks[0]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    score = evaluate_task(model, tokenizer, task, encoder, "generate", 4, Accelerator(cpu=True), max_new_tokens=6)
+    expected = []
+    for prompt in encoder.generation(task.test):
+        ids = torch.tensor([prompt.input_ids])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert score.predictions == expected
+    assert len(set(expected)) > 1  # the prompts lead to different text: a prediction off its own prompt shows
