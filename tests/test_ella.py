@@ -40,10 +40,13 @@ def test_mean_reduction_averages_modules():
     assert w_past.penalty(deltas, "mean").item() == pytest.approx(24.0)
 
 
-def test_penalty_through_peft_layers(tasks):
-    """ELLA's penalty on real LoRA layers: a rank-one ΔW = s·1·1ᵀ on one module against W_past = 2 everywhere."""
+@pytest.mark.parametrize("reduction, modules", [(None, 4), ("mean", 4), ("sum", 1)])
+def test_penalty_through_peft_layers(tasks, reduction, modules):
+    """ELLA's penalty on real LoRA layers: a rank-one ΔW = s·1·1ᵀ on one module against W_past = 2 everywhere. By
+    default (as ``mean``) the penalty is averaged over the 4 adapted modules, of which 3 contribute 0."""
     model, _ = tiny_model()
-    method = get_method("ella", lam=0.25, lora_r=8, lora_alpha=32)  # s = 4
+    chosen = {} if reduction is None else {"penalty_reduction": reduction}
+    method = get_method("ella", lam=0.25, lora_r=8, lora_alpha=32, **chosen)  # s = 4
     method.setup(model, tasks)
     model = method.prepare(model, 1, tasks[1])
     adapter = method.update.adapter
@@ -59,8 +62,8 @@ def test_penalty_through_peft_layers(tasks):
     for n, layer in layers.items():  # W_past = 2 everywhere: the rank-one 2·1·1ᵀ
         d_out_n, d_in_n = layer.base_layer.weight.shape
         w_past.add(n, LowRank(torch.full((d_out_n, 1), 2.0), torch.ones(d_in_n, 1)))
-    # every entry of ΔW ⊙ W_past is 4·2 = 8 on the one module, 0 elsewhere
-    assert method.penalty(model).item() == pytest.approx(0.25 * 64 * d_out * d_in)
+    # every entry of ΔW ⊙ W_past is 4·2 = 8 on the one module, 0 elsewhere; divided by the modules averaged over
+    assert method.penalty(model).item() == pytest.approx(0.25 * 64 * d_out * d_in / modules)
 
 
 def test_first_task_has_no_penalty(tasks):

@@ -40,6 +40,7 @@ def test_tiny_t5_from_the_command_line(sequence_file, tmp_path, capsys):
     assert code == 0
     results = json.loads((out_dir / "results.json").read_text())
     assert results["tasks"] == ["colour", "parity"] and results["method"]["target_modules"] == ["q", "v"]
+    assert results["method"]["penalty_reduction"] == "mean"  # the default, recorded
     w_past = load_file(out_dir / "method_state.safetensors")  # 32 x 32 matrices: two rank-8 tasks are kept dense
     assert len(w_past) == 2 * 2 * 3 and all(value.shape == (32, 32) for value in w_past.values())  # q, v x 6
     saved, _ = load_model(str(out_dir / "model"))

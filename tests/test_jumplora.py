@@ -5,7 +5,7 @@ import torch
 
 from ella import EllaError, EvaluationConfig, TrainingConfig, get_method, run_sequence
 from ella.methods import TaskData
-from ella.methods.jumplora import jump_gate, ramp
+from ella.methods.jumplora import jump_gate, ramp, ramp_steps
 from ella.methods.lora import lora_layers
 from ella.models import tiny_model
 
@@ -24,13 +24,18 @@ def test_gate_forward_and_both_straight_through_gradients_by_hand():
     assert log_threshold.grad.item() == pytest.approx(-0.025, rel=1e-5)
 
 
-def test_ramp_from_twenty_to_eighty_percent():
-    assert [ramp(p, 0.2, 0.8) for p in (0.0, 0.2, 0.5, 0.8, 1.0)] == pytest.approx([0, 0, 0.5, 1, 1])
+def test_ramp_runs_over_integer_steps_from_twenty_to_eighty_percent():
+    # (int(0.2·N), int(0.8·N)), the start at least step 1 and the end at least one step later
+    assert ramp_steps(10, 0.2, 0.8) == (2, 8)
+    assert ramp_steps(12, 0.2, 0.8) == (2, 9)  # 2.4 and 9.6 rounded down
+    assert ramp_steps(3, 0.2, 0.8) == (1, 2)  # int(0.6) = 0 would come before any optimiser step
+    assert ramp_steps(1, 0.2, 0.8) == (1, 2)
+    assert [ramp(step, 2, 8) for step in (1, 2, 5, 8, 9)] == pytest.approx([0, 0, 0.5, 1, 1])
 
 
 def prepared(tasks, num_steps=10, name="jumplora", **hyperparameters):
     model, _ = tiny_model()
-    method = get_method(name, lora_dropout=0.0, **hyperparameters)
+    method = get_method(name, **hyperparameters)
     method.setup(model, tasks)
     model = method.prepare(model, 0, tasks[0], TaskData([], num_steps, lambda **_: iter(())))
     adapter = method.update.adapter
@@ -64,16 +69,41 @@ def test_threshold_reset_keeps_exactly_the_lora_parameter_count(tasks, scope):
     assert survivors == budget
 
 
-def test_schedule_resets_at_twenty_percent_and_ramps(tasks):
-    model, method = prepared(tasks, num_steps=10)
+def surviving_and_budget(model, jump) -> tuple[int, int]:
+    """Entries of B·A that pass the gate |x| > θ, and the LoRA parameter count Σ r·(d_in + d_out) (global θ)."""
+    survivors = budget = 0
+    for layer in lora_layers(model, jump.adapter).values():
+        product = layer.lora_B[jump.adapter].weight @ layer.lora_A[jump.adapter].weight
+        survivors += int((product.abs() > jump.thresholds["model"].exp()).sum())
+        r, d_in = layer.lora_A[jump.adapter].weight.shape
+        budget += r * (d_in + product.shape[0])
+    return survivors, budget
+
+
+@pytest.mark.parametrize("num_steps, reset_step, mixes", [
+    (10, 2, [0, 0, 1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1, 1, 1]),  # 0.2·10 = 2 exactly: reset once, after step 2
+    (12, 2, [0, 0, 1 / 7, 2 / 7, 3 / 7, 4 / 7, 5 / 7, 6 / 7, 1, 1, 1, 1]),  # int(2.4) = 2, int(9.6) = 9
+    (3, 1, [0, 1, 1]),  # int(0.6) = 0 comes before any step: after step 1; the end int(2.4) = 2
+])
+def test_schedule_resets_once_and_ramps_over_integer_steps(tasks, num_steps, reset_step, mixes):
+    model, method = prepared(tasks, num_steps=num_steps)
     jump = method.update
-    initial = jump.thresholds["model"].item()
-    mixes = []
-    for _ in range(10):
+    resets = []  # (step, surviving entries, budget) at each reset
+    reset = jump.reset_thresholds
+
+    def recorded_reset(model):
+        reset(model)
+        resets.append((jump.step, *surviving_and_budget(model, jump)))
+
+    jump.reset_thresholds = recorded_reset
+    seen = []
+    for _ in range(num_steps):
         method.after_step(model)
-        mixes.append(jump.mix)
-    assert jump.thresholds["model"].item() != initial  # reset when the ramp started (after step 2)
-    assert mixes == pytest.approx([0, 0, 1 / 6, 2 / 6, 0.5, 4 / 6, 5 / 6, 1, 1, 1])
+        seen.append(jump.mix)
+    assert seen == pytest.approx(mixes)
+    # r = 8 on q (32 -> 32) and v (32 -> 16) of two blocks; the reset keeps exactly that many entries
+    budget = 2 * 8 * (32 + 32) + 2 * 8 * (32 + 16)
+    assert resets == [(reset_step, budget, budget)]
 
 
 def test_merged_update_is_the_hard_gated_product_and_sparsity_is_reported(tasks):
@@ -101,7 +131,7 @@ def test_merged_update_is_the_hard_gated_product_and_sparsity_is_reported(tasks)
 def test_jumplora_ella_accumulates_the_merged_gated_updates(tasks):
     model, tokenizer = tiny_model()
     base = {name: value.clone() for name, value in model.state_dict().items()}
-    method = get_method("jumplora-ella", lam=100.0, lora_dropout=0.0)
+    method = get_method("jumplora-ella", lam=100.0)
     model, result = run_sequence(model, tokenizer, tasks, method,
                                  TrainingConfig(learning_rate=1e-2, batch_size=2, mixed_precision="no"),
                                  EvaluationConfig(mode="rank", zero_shot=False))
@@ -114,6 +144,62 @@ def test_jumplora_ella_accumulates_the_merged_gated_updates(tasks):
         assert (past == 0).any()  # sparse
     assert result.task_logs[1]["penalty_mean"] > 0
     assert 0 < result.task_logs[1]["sparsity"]["density"] < 1
+
+
+def test_a_reset_that_finds_the_update_all_zero_is_refused(tasks):
+    """B still 0 when θ is reset (every step before it at learning rate 0): no budget to keep, refused."""
+    model, method = prepared(tasks, num_steps=10)
+    with torch.no_grad():
+        for layer in lora_layers(model, method.update.adapter).values():
+            layer.lora_B[method.update.adapter].weight.zero_()
+    method.after_step(model)
+    with pytest.raises(EllaError, match=r"reset after optimiser step 2 of 10 found the update B·A of 'model' still "
+                                        r"all zero: .* more optimiser steps or a shorter warm-up"):
+        method.after_step(model)
+
+
+def test_the_ella_penalty_trains_a_and_b_through_the_gate_but_not_the_threshold(tasks):
+    """λ·mean_m ‖ΔW_eff^m ⊙ W_past^m‖² on one nonzero module, by hand. A's row 0 starts [1, 2, 0...], B's column 0
+    [1, 3, 0...] (all else 0), so B·A = [[1, 2], [3, 6]] in the corner; s = 32 / 8 = 4, a = 0.5, θ = 2.9998
+    (the entry 3 within ε/2 of θ, where the forward's straight-through estimator does move θ), W_past = 1."""
+    model, method = prepared(tasks, name="jumplora-ella", lam=1.0)
+    jump, name = method.update, "model.layers.0.self_attn.q_proj"
+    layers = lora_layers(model, jump.adapter)
+    A, B = layers[name].lora_A[jump.adapter].weight, layers[name].lora_B[jump.adapter].weight
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A[jump.adapter].weight.zero_()
+            layer.lora_B[jump.adapter].weight.zero_()
+        A[0, :2] = torch.tensor([1.0, 2.0])
+        B[:2, 0] = torch.tensor([1.0, 3.0])
+        jump.thresholds["model"].fill_(math.log(2.9998))
+    jump.mix = 0.5
+    for module, layer in layers.items():
+        method.parts["ella"].w_past.add(module, torch.ones_like(layer.base_layer.weight))
+    penalty = method.penalty(model)
+    # the gate keeps [[0, 0], [3, 6]]: ΔW_eff = 4·(0.5·[[0, 0], [3, 6]] + 0.5·[[1, 2], [3, 6]]) = [[2, 4], [12, 24]];
+    # the mean over the 4 modules: (4 + 16 + 144 + 576) / 4 = 185
+    assert penalty.item() == pytest.approx(185.0)
+    penalty.backward()
+    assert jump.thresholds["model"].grad is None  # no gradient reaches θ from the penalty
+    # ∂/∂ΔW_eff = 2·ΔW_eff / 4 = [[1, 2], [6, 12]]; ∂/∂(B·A) = 4·(0.5·1[|B·A| > θ] + 0.5)·that = [[2, 4], [24, 48]]
+    # ∂/∂A = Bᵀ·∂(B·A): row 0 = 1·[2, 4] + 3·[24, 48] = [74, 148];  ∂/∂B = ∂(B·A)·Aᵀ: column 0 = [2 + 8, 24 + 96]
+    expected_a, expected_b = torch.zeros_like(A), torch.zeros_like(B)
+    expected_a[0, :2] = torch.tensor([74.0, 148.0])
+    expected_b[:2, 0] = torch.tensor([10.0, 120.0])
+    torch.testing.assert_close(A.grad, expected_a)
+    torch.testing.assert_close(B.grad, expected_b)
+    # the forward pass's gate, on the same update, does train θ (the entry 3 is within the estimator's band)
+    gated = jump.gated_update(layers[name], jump.adapter, jump.thresholds["model"], jump.mix)
+    gated.sum().backward()
+    assert jump.thresholds["model"].grad.item() != 0
+
+
+def test_the_gated_branch_has_no_dropout_by_default(tasks):
+    model, method = prepared(tasks)
+    assert method.update.config.lora_dropout == 0.0
+    assert all(isinstance(layer.lora_dropout[method.update.adapter], torch.nn.Identity)
+               for layer in lora_layers(model, method.update.adapter).values())
 
 
 @pytest.mark.parametrize("name", ["jumplora", "jumplora-ella"])

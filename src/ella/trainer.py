@@ -189,7 +189,7 @@ class ContinualTrainerMixin:
         loss, outputs = result if return_outputs else (result, None)
         raw = self.accelerator.unwrap_model(model)
         with torch.autocast(next(raw.parameters()).device.type, enabled=False):
-            penalty = self.ella_method.penalty(raw)  # after the forward pass: JumpLoRA's penalty reads its update
+            penalty = self.ella_method.penalty(raw)
         self._ella_penalty = float(penalty.detach())
         if not math.isfinite(self._ella_penalty):
             raise engine.TrainingDiverged(

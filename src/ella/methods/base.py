@@ -5,7 +5,8 @@ A method is one **update** part, zero or more **regularisers** and at most one *
 - the update part builds each task's update and merges it: ``seqft`` (every weight), ``seqlora`` (one LoRA through
   all tasks), ``inclora`` (a fresh LoRA per task), ``inflora`` (InfLoRA's designed A), ``jumplora`` (a JumpReLU-gated
   LoRA per task), ``sculpting`` (peft's OSF);
-- a regulariser adds a penalty on that update: ``ella`` (λ·Σ‖ΔW ⊙ W_past‖²), ``olora`` (orthogonal A's), ``ewc``;
+- a regulariser adds a penalty on that update: ``ella`` (λ·mean‖ΔW ⊙ W_past‖²), ``olora`` (orthogonal A's),
+  ``ewc``;
 - a data policy chooses what a task trains on: ``replay`` (a buffer of earlier examples), ``mtl`` (every task at once).
 
 A registered name is a recipe of parts (``ella`` = ``inclora+ella``, ``ewc`` = ``seqlora+ewc``); a name with ``+``

@@ -2,9 +2,11 @@
 
 Each task trains a fresh LoRA (the ``ella`` method is ``inclora+ella``) under the penalty
 
-    L = CE + λ · Σ_m ‖ΔW_t^m ⊙ W_past^m‖_F²        (⊙ element-wise; m runs over the adapted modules)
+    L = CE + λ · (1/M) Σ_m ‖ΔW_t^m ⊙ W_past^m‖_F²      (⊙ element-wise; m runs over the M adapted modules)
 
-where ΔW_t^m = s·B·A is the current task's update and W_past^m the sum of all earlier tasks' updates.
+where ΔW_t^m = s·B·A is the current task's update and W_past^m the sum of all earlier tasks' updates. The mean over
+modules is the reference code's (``compute_ella_penalty_from_model``), the one the paper's λ values go with;
+``penalty_reduction="sum"`` drops the 1/M (M times stronger at the same λ).
 After task t: W_past^m ← W_past^m + ΔW_t^m, then the LoRA is merged into the model.
 
 Why it works: with energy E = |W_past| + ε the penalised step is ΔW*_ij = G_ij / (1 + λ E_ij²), so coordinates
@@ -41,8 +43,11 @@ def parse_lambdas(text: str) -> float | list[float]:
 class ELLAHyperparameters:
     lam: float | list[float] = hyperparameter(
         3e4, "penalty weight λ: one value, or one per task (comma-separated); the paper used 3e4 on "
-             "T5-large; the right value depends on the model's weight scale", parse_lambdas)
-    penalty_reduction: str = hyperparameter("sum", "combine the modules' penalties by 'sum' (paper) or 'mean'")
+             "T5-large (with the mean over modules); the right value depends on the model's weight scale",
+        parse_lambdas)
+    penalty_reduction: str = hyperparameter(
+        "mean", "combine the modules' penalties by their 'mean' (the reference code's, for which the paper's λ "
+                "3e4...5e8 hold) or their 'sum' (M modules: M times stronger at the same λ)")
     w_past: str = hyperparameter("factors", "how W_past is kept: 'factors' (exact low-rank factors, growing by r per "
                                             "task up to the dense size), 'dense' (d_out x d_in per module) or 'svd' "
                                             "(truncated to --w-past-rank: small and constant, approximate)")
@@ -79,11 +84,11 @@ def interference_figures(update: torch.Tensor, past: torch.Tensor) -> tuple[floa
 
 @register_part
 class ELLA:
-    """The penalty λ·Σ_m ‖ΔW_t^m ⊙ W_past^m‖²_F on the update part's ``task_updates``; W_past accumulates its
-    ``merged_updates`` after every task."""
+    """The penalty λ·mean_m ‖ΔW_t^m ⊙ W_past^m‖²_F (or the sum) on the update part's ``task_updates``; W_past
+    accumulates its ``merged_updates`` after every task."""
 
     name, kind = "ella", REGULARISER
-    summary = "λ·Σ‖ΔW ⊙ W_past‖²: shrinks updates where earlier tasks wrote"
+    summary = "λ·mean‖ΔW ⊙ W_past‖² over the modules: shrinks updates where earlier tasks wrote"
     config_class = ELLAHyperparameters
 
     @staticmethod
@@ -154,5 +159,5 @@ class ELLA:
         self.w_past.load(state)
 
 
-register_method("ella", "inclora+ella", "IncLoRA + λ·Σ‖ΔW ⊙ W_past‖²: shrinks updates where earlier tasks wrote "
-                                        "(W_past kept as exact factors by default, at most the dense size)")
+register_method("ella", "inclora+ella", "IncLoRA + λ·mean‖ΔW ⊙ W_past‖²: shrinks updates where earlier tasks "
+                                        "wrote (W_past kept as exact factors by default, at most the dense size)")

@@ -11,11 +11,14 @@ estimators with bandwidth ε: with m = |x| and g the gradient reaching J,
 
     ∂J/∂m = 1[m > θ]·g,        ∂J/∂θ = −(θ/ε)·mean(rect((m − θ)/ε)·g),      rect(u) = 1[|u| < ½]
 
-The interpolation a ramps linearly from 0 to 1 between 20 % and 80 % of each task's optimiser steps and restarts at 0
-for every task. When the ramp starts, θ is reset to the k-th largest |P| of its group, k = the group's LoRA parameter
-count Σ r·(d_in + d_out), so that exactly as many entries survive as LoRA has parameters. After the task the
-hard-gated update s·J_θ(P) is merged into the weights (equivalent to IncLoRA's frozen sum). A regulariser sees ΔW_eff
-as the task's update while training (``task_updates``) and the merged s·J_θ(P) at the end (``merged_updates``).
+Of a task's N optimiser steps, counted after each step (as the reference's JumpInterpCallback reads the Trainer's
+global_step in on_step_end), the ramp starts after step first = int(0.2·N) (at least 1) and ends after step
+last = int(0.8·N) (at least first + 1): a = clamp((step − first) / (last − first), 0, 1), restarting at 0 for
+every task. After step first, once, θ is reset to the (k+1)-th largest |P| of its group, k = the group's LoRA
+parameter count Σ r·(d_in + d_out), so that exactly k entries survive. After the task the hard-gated update
+s·J_θ(P) is merged into the weights (equivalent to IncLoRA's frozen sum). A regulariser sees ΔW_eff as the task's
+update while training (``task_updates``, through a gate that passes no gradient to θ) and the merged s·J_θ(P) at
+the end (``merged_updates``).
 """
 
 from __future__ import annotations
@@ -57,20 +60,30 @@ def jump_gate(x: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) ->
     return torch.sign(x) * JumpReLU.apply(x.abs(), log_threshold.exp(), bandwidth)
 
 
-def ramp(progress: float, start: float, end: float) -> float:
-    """a: 0 before ``start``, 1 after ``end`` (fractions of the task's steps), linear in between."""
-    return min(1.0, max(0.0, (progress - start) / (end - start)))
+def ramp_steps(num_steps: int, start: float, end: float) -> tuple[int, int]:
+    """The optimiser steps after which the ramp starts (θ's reset) and ends: int(start·N) and int(end·N), as in the
+    reference, except that the start is at least step 1 (the reference's int(start·N) = 0 for N < 1 / start is a step
+    its callback never sees, so its θ is never reset) and the end at least one step after the start."""
+    first = max(int(start * num_steps), 1)
+    return first, max(int(end * num_steps), first + 1)
+
+
+def ramp(step: int, first: int, last: int) -> float:
+    """a after optimiser step ``step``: 0 up to ``first``, 1 from ``last`` on, linear in between."""
+    return min(1.0, max(0.0, (step - first) / (last - first)))
 
 
 @dataclass
 class JumpLoRAHyperparameters(LoraHyperparameters):
+    lora_dropout: float = hyperparameter(0.0, "dropout on the LoRA branch's input while training (the reference's "
+                                              "gated branch has none)")
     threshold_scope: str = hyperparameter("global", "one threshold θ for the model ('global') or one per "
                                                     "transformer block ('block')")
     log_threshold_init: float = hyperparameter(-4.7, "initial log θ")
     bandwidth: float = hyperparameter(1e-3, "ε, the bandwidth of the straight-through estimator of ∂/∂θ")
-    ramp_start: float = hyperparameter(0.2, "fraction of each task's steps where the dense-to-sparse ramp starts "
-                                            "(and θ is reset to the LoRA parameter budget)")
-    ramp_end: float = hyperparameter(0.8, "fraction of each task's steps where the ramp reaches the hard gate")
+    ramp_start: float = hyperparameter(0.2, "fraction of each task's steps after which the dense-to-sparse ramp "
+                                            "starts (and θ is reset to the LoRA parameter budget)")
+    ramp_end: float = hyperparameter(0.8, "fraction of each task's steps after which the ramp reaches the hard gate")
 
     def __post_init__(self):
         super().__post_init__()
@@ -87,7 +100,6 @@ class GatedUpdate(LoraVariant):
 
     def __init__(self, method: "JumpLoRA", log_threshold: torch.nn.Parameter):
         self.method, self.log_threshold = method, log_threshold
-        self.last_update: torch.Tensor | None = None  # this step's ΔW_eff, for ELLA's penalty (built once per step)
 
     @staticmethod
     def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
@@ -95,8 +107,6 @@ class GatedUpdate(LoraVariant):
 
     def forward(self, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         update = self.method.gated_update(module, active_adapter, self.log_threshold, self.method.mix)
-        if torch.is_grad_enabled():
-            self.last_update = update
         return result + F.linear(module.lora_dropout[active_adapter](x), update)
 
     def merge_safe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -127,6 +137,7 @@ class JumpLoRA:
         self.lora = TaskLoRA(config)  # the task's LoRA, which the gate reads
         self.mix = 0.0  # the interpolation a
         self.step = self.num_steps = 0
+        self.first_step = self.last_step = 0  # the ramp's start (θ's reset) and end, in optimiser steps
         self.thresholds: dict[str, torch.nn.Parameter] = {}  # group -> log θ
         self.group_of: dict[str, str] = {}  # module name -> its threshold's group
         self.sparsity: dict = {}
@@ -150,6 +161,7 @@ class JumpLoRA:
         data = require_data(data, self.name, "for its schedule (the number of optimiser steps of the task)")
         model = self.lora.prepare(model, task_index, task, data)
         self.step, self.num_steps, self.mix = 0, data.num_steps, 0.0
+        self.first_step, self.last_step = ramp_steps(data.num_steps, self.config.ramp_start, self.config.ramp_end)
         device = device_of(model)
         self.thresholds, self.group_of = {}, {}
         for name, layer in self.layers(model).items():
@@ -169,15 +181,11 @@ class JumpLoRA:
         return product * layer.scaling[adapter]
 
     def task_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The dense ΔW_eff of each module: the one this step's forward pass built (taken once), else built now."""
-        updates = {}
-        for name, layer in self.layers(model).items():
-            variant = layer.lora_variant[self.adapter]
-            if variant.last_update is not None:
-                updates[name], variant.last_update = variant.last_update, None
-            else:
-                updates[name] = self.gated_update(layer, self.adapter, layer.jump_log_threshold, self.mix)
-        return updates
+        """The dense ΔW_eff of each module, for a regulariser's penalty. Its gate passes no gradient to θ (a detached
+        θ), so that θ learns from the task loss alone, as in the reference (``collect_lora_deltas`` masks with
+        |ΔW| > θ); A and B get the gated gradient 1[|B·A| > θ]·g as in the forward pass."""
+        return {name: self.gated_update(layer, self.adapter, layer.jump_log_threshold.detach(), self.mix)
+                for name, layer in self.layers(model).items()}
 
     def merged_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The hard-gated s·J_θ(B·A) that ``finish`` merges."""
@@ -186,10 +194,9 @@ class JumpLoRA:
 
     def after_step(self, model: torch.nn.Module) -> None:
         self.step += 1
-        progress = self.step / self.num_steps
-        if self.mix == 0 and progress >= self.config.ramp_start:
+        if self.step == self.first_step:
             self.reset_thresholds(model)
-        self.mix = ramp(progress, self.config.ramp_start, self.config.ramp_end)
+        self.mix = ramp(self.step, self.first_step, self.last_step)
 
     @torch.no_grad()
     def reset_thresholds(self, model: torch.nn.Module) -> None:
@@ -205,11 +212,21 @@ class JumpLoRA:
             budgets[group] = budgets.get(group, 0) + r * (d_in + product.shape[0])
         for group, parts in magnitudes.items():
             values = torch.cat(parts)
+            # Refused, not warned: no step before the reset changed B (a learning rate of 0 on all of them), so θ
+            # would keep its arbitrary initial value and the task would merge an update of arbitrary sparsity,
+            # unnoticed in a long run. ella run's default warm-up, int(0.1·N) steps, never reaches it.
+            if not values.any():
+                raise EllaError(
+                    f"jumplora's threshold reset after optimiser step {self.step} of {self.num_steps} found the update "
+                    f"B·A of {group!r} still all zero: no optimiser step before it changed B (a learning rate of 0, "
+                    "as in a warm-up's first step; a Trainer rounds a fractional warmup_steps up), so θ cannot be set "
+                    "to keep the LoRA parameter budget. Give each task more optimiser steps or a shorter warm-up "
+                    "(run_sequence_with_trainer(warmup_ratio=...) rounds it down, as ella run does)")
             if budgets[group] >= values.numel():
                 continue  # every entry fits the budget: nothing to cut
             threshold = values.topk(budgets[group] + 1).values[-1]
-            if threshold > 0:  # an all-zero update (B still 0) keeps the initial threshold
-                self.thresholds[group].fill_(threshold.log())
+            # 0 when at most k entries are non-zero: all of them pass a θ just above 0 (as the reference clamps)
+            self.thresholds[group].fill_(threshold.clamp_min(1e-12).log())
 
     def check_finish(self) -> None:
         if self.step != self.num_steps:
@@ -241,4 +258,4 @@ class JumpLoRA:
 register_method("jumplora", "jumplora",
                 "IncLoRA whose updates are gated by a learned JumpReLU threshold into sparse ones (JumpLoRA)")
 register_method("jumplora-ella", "jumplora+ella",
-                "JumpLoRA's sparse gated updates under ELLA's penalty λ·Σ‖ΔW_eff ⊙ W_past‖²", w_past="dense")
+                "JumpLoRA's sparse gated updates under ELLA's penalty λ·mean‖ΔW_eff ⊙ W_past‖²", w_past="dense")
