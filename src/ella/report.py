@@ -46,6 +46,14 @@ def format_metrics(result: SequenceResult) -> str:
     return "  ".join([show("OA"), show("BWT", signed=True), fwt, show("forgetting")])
 
 
+def format_validation(result: SequenceResult) -> str:
+    """The validation samples' OA and BWT, and the final row, of a finished run."""
+    summary = result.validation_metrics()
+    bwt = "n/a" if summary["BWT"] is None else f"{summary['BWT']:+.1f}"
+    final = "  ".join(f"{name} {value:.1f}" for name, value in zip(result.tasks, result.validation[-1]))
+    return f"validation (apart from the test examples): OA {summary['OA']:.1f}  BWT {bwt}  (final row: {final})"
+
+
 def _pyplot():
     import matplotlib
 
