@@ -6,7 +6,7 @@ import pytest
 
 from ella import EllaError
 from ella import RunSpec
-from ella.bench import load_suite, run_suite
+from ella.bench import load_suite, run_suite, select_settings
 from ella.cli import main
 
 SUITE = """
@@ -74,6 +74,97 @@ def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
 def test_bad_suites(tmp_path, data_dir, edit, message):
     with pytest.raises(EllaError, match=message):
         load_suite(write_suite(tmp_path, data_dir, edit(SUITE)))
+
+
+SELECT_SUITE = """
+output_dir = "suite"
+model = "tiny-causal"
+data_dir = "{data_dir}"
+methods = ["inclora", "ella"]
+seeds = [42]
+
+[run]
+tasks = ["CB", "RTE"]
+train_per_task = 2
+test_per_task = 2
+validation_per_task = 2
+max_length = 700
+eval_mode = "rank"
+mixed_precision = "no"
+
+[method.ella]
+lam = 10.0
+
+[select]
+inclora = {{lr = [1e-3, 1e-1]}}
+ella = {{lam = [1.0, 100.0]}}
+"""
+
+
+def test_a_selection_suite_runs_every_setting_of_each_grid(tmp_path, data_dir):
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, SELECT_SUITE))
+    assert [r.label for r in runs] == ["inclora-lr0.001", "inclora-lr0.1", "ella-lam1.0", "ella-lam100.0"]
+    assert runs[1].spec.lr == 0.1 and runs[1].hyperparameters == {}  # lr is a run setting, not the method's
+    assert runs[3].spec.lr is None and runs[3].hyperparameters == {"lam": 100.0}  # the grid's λ, not [method.ella]'s
+    assert all(r.spec.validation_per_task == 2 for r in runs)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("validation_per_task = 2\n", ""), "the runs have no validation sample: set "
+                                                              "validation_per_task = N in \\[run\\]"),
+    (lambda t: t.replace("lam = [1.0, 100.0]", "lam = [1.0, 10.0, 100.0]"),
+     "the same budget, the same number of settings; now: inclora 2, ella 3"),
+    (lambda t: t.replace("inclora = {{lr = [1e-3, 1e-1]}}\n", ""), "needs a grid for each method.*no grid for inclora"),
+    (lambda t: t.replace('methods = ["inclora", "ella"]', 'methods = ["ella"]'), "not in methods: inclora"),
+    (lambda t: t.replace("lam = [1.0, 100.0]", "lamb = [1.0, 100.0]"),
+     "\\[select.ella\\] lamb: not a hyper-parameter of ella \\(it has: lam, .*lr\\)"),
+    (lambda t: t.replace("lam = [1.0, 100.0]", "lam = []"), "lam = \\[\\]: give a non-empty list"),
+    (lambda t: t + "\n[[sweep]]\nmethod = 'ella'\nlam = [1.0, 2.0]\n", "drop \\[\\[sweep\\]\\]"),
+])
+def test_bad_selection_suites_are_refused_before_anything_runs(tmp_path, data_dir, edit, message):
+    with pytest.raises(EllaError, match=message):
+        load_suite(write_suite(tmp_path, data_dir, edit(SELECT_SUITE)))
+    assert not (tmp_path / "suite").exists()
+
+
+def test_selection_takes_the_highest_mean_validation_oa_and_the_first_of_equals(tmp_path, data_dir):
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, SELECT_SUITE.replace("seeds = [42]", "seeds = [1, 2]")))
+    validation_oa = {("inclora-lr0.001", 1): 50.0, ("inclora-lr0.001", 2): 70.0,  # mean 60
+                     ("inclora-lr0.1", 1): 80.0, ("inclora-lr0.1", 2): 50.0,  # mean 65: chosen
+                     ("ella-lam1.0", 1): 40.0, ("ella-lam1.0", 2): 60.0,  # mean 50: chosen, the first of equals
+                     ("ella-lam100.0", 1): 50.0, ("ella-lam100.0", 2): 50.0}  # mean 50
+    for run in runs:
+        run.output_dir.mkdir(parents=True)
+        oa = validation_oa[run.label, run.seed]
+        (run.output_dir / "results.json").write_text(json.dumps({"validation": {"metrics": {"OA": oa}}}))
+    selection = select_settings(suite["select"], runs)
+    assert {m: c["selected"] for m, c in selection["methods"].items()} == {"inclora": "inclora-lr0.1",
+                                                                         "ella": "ella-lam1.0"}
+    assert [s["validation_OA"] for s in selection["methods"]["inclora"]["settings"]] == [60.0, 65.0]
+    assert selection["methods"]["ella"]["settings"][1] == {"label": "ella-lam100.0", "values": {"lam": 100.0},
+                                                           "validation_OA": 50.0, "runs": 2}
+    assert (selection["validation_per_task"], selection["orders"], selection["seeds"]) == (2, [None], [1, 2])
+
+
+@pytest.mark.slow  # each run is a process of its own
+def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(tmp_path, data_dir):
+    report = run_suite(write_suite(tmp_path, data_dir, SELECT_SUITE))
+    root = tmp_path / "suite"
+    selection = json.loads((root / "selection.json").read_text())
+    for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]), ("ella", ["ella-lam1.0", "ella-lam100.0"])):
+        records = [json.loads((root / label / "tasks-seed42" / "results.json").read_text()) for label in labels]
+        oa = [record["validation"]["metrics"]["OA"] for record in records]  # one run per setting
+        assert [s["validation_OA"] for s in selection["methods"][method]["settings"]] == oa
+        chosen = labels[oa.index(max(oa))]  # the first of equals
+        assert selection["methods"][method]["selected"] == chosen
+        other = labels[1 - labels.index(chosen)]
+        text = report.read_text()
+        results = text.split("## Results")[1].split("## Cost")[0]
+        assert f"| {chosen} |" in results and f"| {other} |" not in results and other not in text.split("## Cost")[1]
+    assert "Hyper-parameters selected by validation OA, never by test" in text
+    assert "2 settings per method; inclora: lr ∈ {0.001, 0.1}; ella: lam ∈ {1.0, 100.0}" in text
+    assert "on 2 validation examples per task" in text and "the named tasks and seed(s) 42 (4 runs in all)" in text
+    assert "a tie goes to the setting listed first" in text and "2 training, 2 validation and 2 test examples" in text
 
 
 @pytest.mark.slow  # each run is a process of its own

@@ -36,7 +36,29 @@ def test_run_prints_the_matrix_and_refuses_to_overwrite(sequence_file, tmp_path,
     assert json.loads((out_dir / "results.json").read_text())["evaluation"]["mode"] == "rank"
 
 
+def test_validation_is_evaluated_apart_and_changes_nothing_else(sequence_file, tmp_path, capsys):
+    records = {}
+    for n in ("0", "3"):
+        code, out, _ = run(*TINY, "--sequence", str(sequence_file), "--output-dir", str(tmp_path / n), "--eval-mode",
+                           "rank", "--validation-per-task", n, capsys=capsys)
+        assert code == 0
+        records[n] = json.loads((tmp_path / n / "results.json").read_text())
+    plain, validated = records["0"], records["3"]
+    assert "validation" not in plain and "validation (apart from the test examples): OA" in out
+    for key in ("zero_shot", "accuracy_matrix", "metrics"):  # the same training and test examples
+        assert validated[key] == plain[key]
+    assert [log["loss_end"] for log in validated["task_logs"]] == [log["loss_end"] for log in plain["task_logs"]]
+    a = validated["validation"]["accuracy"]  # after task 1: its own sample; after task 2 (the last): both
+    assert a[0][1] is None and None not in (a[0][0], *a[1])
+    assert all(round(v * 3 / 100, 6).is_integer() for v in (a[0][0], *a[1]))  # 3 examples: 0, 33.3, 66.7 or 100
+    assert validated["validation"]["metrics"] == {"OA": pytest.approx((a[1][0] + a[1][1]) / 2),
+                                                  "BWT": a[1][0] - a[0][0]}
+    assert [d["validation"] for d in validated["task_details"]] == [3, 3]
+    assert validated["run"]["validation_per_task"] == 3
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--validation-per-task", "9"], "colour: .* has 12 training examples, too few for 4 training \\+ 9 validation"),
     (["--lam", "-1"], "λ must be non-negative"),
     (["--lam", "1,2,3"], "3 λ values for 2 tasks"),
     (["--lam", "abc"], "--lam takes a number"),

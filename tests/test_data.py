@@ -100,6 +100,50 @@ def test_own_task_without_labels_or_instruction(tmp_path):
     assert task.labels is None and task.prompt(task.train[0]) == "2+2\nAnswer:"
 
 
+def test_validation_sample_is_apart_from_the_training_sample_and_the_test_set(sequence_file):
+    plain = load_task_sequence(sequence_file, train_per_task=4)
+    tasks = load_task_sequence(sequence_file, train_per_task=4, validation_per_task=8)
+    for task, without in zip(tasks, plain):
+        assert task.train == without.train  # the training sample is the one drawn without validation
+        inputs = {split: [e.input for e in getattr(task, split)] for split in ("train", "validation", "test")}
+        # 12 training rows (sky 0..11 / 0..11), 4 train: the validation sample is the other 8, in file order
+        everything = [f"sky {i}" for i in range(12)] if task.name == "colour" else [str(i) for i in range(12)]
+        assert inputs["validation"] == [x for x in everything if x not in inputs["train"]]
+        assert not set(inputs["validation"]) & set(inputs["test"])
+        assert task.describe()["validation"] == 8 and "validation" not in without.describe()
+    assert load_task_sequence(sequence_file, train_per_task=4, validation_per_task=3)[0].train == plain[0].train
+
+
+def test_validation_sample_is_seeded_and_leaves_the_training_sample_alone(data_dir):
+    def sample(seed, validation):
+        return load_cl_benchmark(tasks=["CB"], data_dir=data_dir, train_per_task=20, test_per_task=10, seed=seed,
+                                 validation_per_task=validation)[0]
+
+    task = sample(1, 30)
+    assert len(task.validation) == 30 and task.validation == sample(1, 30).validation
+    assert task.validation != sample(2, 30).validation
+    assert task.train == sample(1, 0).train and sample(1, 0).validation == []
+    rows = {id(e) for e in task.train}  # one parse of train.json: an object per row
+    assert len({id(e) for e in task.validation}) == 30 and not rows & {id(e) for e in task.validation}
+    assert not {e.input for e in task.validation} & {e.input for e in task.test}
+    for benchmark, name in (("superni", "task363_sst2_polarity_classification"), ("trace", "ScienceQA")):
+        for task in load_cl_benchmark(benchmark, tasks=[name], data_dir=data_dir, train_per_task=3, test_per_task=1,
+                                      validation_per_task=2):  # their loaders draw it the same way
+            assert len(task.validation) == 2 and not {e.input for e in task.validation} & {e.input for e in task.train}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(train_per_task=240, validation_per_task=20),
+     "CB: .*train.json has 250 training examples, too few for 240 training \\+ 20 validation examples; lower "
+     "--train-per-task or --validation-per-task \\(together at most 250\\)"),
+    (dict(validation_per_task=20), "give --train-per-task too \\(at most 230"),
+    (dict(train_per_task=5, validation_per_task=-1), "validation_per_task must be 0 \\(no validation sample\\) or more"),
+])
+def test_validation_sample_errors(data_dir, kwargs, message):
+    with pytest.raises(EllaError, match=message):
+        load_cl_benchmark(tasks=["CB"], data_dir=data_dir, **kwargs)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda spec, d: spec["tasks"][0].update(labels=["red"]), "'blue' is not in the task's label set"),
     (lambda spec, d: spec["tasks"][1].update(name="colour"), "appears twice"),

@@ -23,6 +23,16 @@ A suite file (TOML)::
     lam = [1e3, 1e4, 1e5, 1e6]
     orders = [1]                               # (optional) only these orders
 
+Or, instead of ``[[sweep]]``, hyper-parameters chosen by validation, never by test: ``[select]`` gives every method
+of ``methods`` a grid (its hyper-parameters and ``lr``), each with the same number of settings, the budget; every
+setting runs on every order and seed, and the report shows the test numbers of each method's setting with the
+highest validation OA (mean over those runs; a tie goes to the setting listed first). The runs need
+``validation_per_task`` in ``[run]``::
+
+    [select]
+    ella = {lam = [3e3, 3e4]}
+    sculpting = {lr = [1e-4, 1e-5]}
+
 A run that is complete is not repeated and an interrupted one is resumed (both only if their settings still match
 the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is
 printed and the report written (see ``ella.report``).
@@ -32,19 +42,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 
-from .checkpoint import run_status
+from .checkpoint import RESULTS, run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
+from .report import SELECTION, write_report
 from .runspec import RunSpec
 
-SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep",
+SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep", "select",
               "data_dir", "dtype"}
 
 
@@ -76,6 +89,41 @@ def _label(method: str, values: dict) -> str:
     return method + "".join(f"-{key}{value}" for key, value in values.items())
 
 
+def _combinations(grid: dict) -> list[dict]:
+    """Every combination of a grid's lists, in the order listed (the last name varying fastest)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def _grids(path: Path, suite: dict) -> dict[str, dict]:
+    """The checked ``[select]`` table: method -> {name: [values]}, every method of ``methods`` with one, all with the
+    same number of settings."""
+    select, methods = suite["select"], suite.get("methods", [])
+    if "sweep" in suite:
+        raise EllaError(f"{path}: [select] chooses each method's setting by validation and [[sweep]] would report "
+                        "the test numbers of every setting: put the swept values in [select] and drop [[sweep]]")
+    if not isinstance(select, dict) or not all(isinstance(grid, dict) for grid in select.values()):
+        raise EllaError(f"{path}: [select] gives each method a grid, e.g. ella = {{lam = [3e3, 3e4]}}")
+    missing, extra = [m for m in methods if m not in select], [m for m in select if m not in methods]
+    if missing or extra:
+        problems = ([f"no grid for {', '.join(missing)}"] if missing else []) + \
+            ([f"not in methods: {', '.join(extra)}"] if extra else [])
+        raise EllaError(f"{path}: [select] needs a grid for each method of methods = [...] and no other (every "
+                        f"method is chosen the same way): {'; '.join(problems)}")
+    for method, grid in select.items():
+        allowed = sorted(method_fields(method)) + ["lr"]
+        for name, values in grid.items():
+            if name not in allowed:
+                raise EllaError(f"{path}: [select.{method}] {name}: not a hyper-parameter of {method} (it has: "
+                                f"{', '.join(allowed)})")
+            if not isinstance(values, list) or not values:
+                raise EllaError(f"{path}: [select.{method}] {name} = {values!r}: give a non-empty list of values")
+    budgets = {method: len(_combinations(grid)) for method, grid in select.items()}
+    if len(set(budgets.values())) > 1:
+        raise EllaError(f"{path}: [select] gives every method the same budget, the same number of settings; now: "
+                        + ", ".join(f"{method} {n}" for method, n in budgets.items()))
+    return select
+
+
 def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     """The suite's settings and its runs, checked (methods, hyper-parameters) before anything runs."""
     path = Path(path)
@@ -96,9 +144,18 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     options = suite.get("run", {})
     if "tasks" in options and "orders" in suite:
         raise EllaError(f"{path}: [run] tasks = [...] names the sequence itself; drop orders = [...]")
-    variants: list[tuple[str, str, dict, list]] = []
+    # (label, method, hyper-parameters, run settings of its own, orders)
+    variants: list[tuple[str, str, dict, dict, list]] = []
+    grids = _grids(path, suite) if "select" in suite else {}
     for method in suite.get("methods", []):
-        variants.append((method, method, dict(suite.get("method", {}).get(method, {})), orders))
+        base = dict(suite.get("method", {}).get(method, {}))
+        if method not in grids:
+            variants.append((method, method, base, {}, orders))
+            continue
+        for values in _combinations(grids[method]):
+            hyperparameters = {k: v for k, v in values.items() if k != "lr"}
+            own = {"lr": values["lr"]} if "lr" in values else {}
+            variants.append((_label(method, values), method, {**base, **hyperparameters}, own, orders))
     for sweep in suite.get("sweep", []):
         sweep = dict(sweep)
         method = sweep.pop("method", None)
@@ -110,24 +167,28 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         base = {**suite.get("method", {}).get(method, {}), **fixed}
         for combination in itertools.product(*swept.values()):
             values = dict(zip(swept, combination))
-            variants.append((_label(method, values), method, {**base, **values}, sweep_orders))
+            variants.append((_label(method, values), method, {**base, **values}, {}, sweep_orders))
     if not variants:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
               **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
               "command": f"ella bench {os.path.relpath(path)}"}
     runs = []
-    for label, method, hyperparameters, variant_orders in variants:
+    for label, method, hyperparameters, own, variant_orders in variants:
         for order in variant_orders:
             for seed in seeds:
                 where = root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}"
                 try:  # an unknown setting or method, or a bad hyper-parameter, fails now, not hours into the suite
-                    spec = RunSpec.from_dict({**shared, **({} if "tasks" in options else {"order": order}),
+                    spec = RunSpec.from_dict({**shared, **own, **({} if "tasks" in options else {"order": order}),
                                               "seed": seed, "method": method, "label": label, "output_dir": where,
                                               "hyperparameters": _parsed(method, hyperparameters)})
                     get_method(method, **spec.hyperparameters)
                 except (EllaError, TypeError) as e:
                     raise EllaError(f"{path}: {e}") from None
+                if grids and spec.validation_per_task < 1:
+                    raise EllaError(f"{path}: [select] chooses by validation OA, and the runs have no validation "
+                                    "sample: set validation_per_task = N in [run] (N examples per task, drawn from "
+                                    "each task's training split outside its training sample)")
                 runs.append(SuiteRun(label, order, seed, spec))
     labels = [r.output_dir for r in runs]
     if len(set(labels)) != len(labels):
@@ -137,8 +198,6 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
 
 def run_suite(path: str | Path) -> Path:
     """Run (or resume, or skip) every run of the suite; write the table and the report; return the report."""
-    from .report import write_report
-
     suite, runs = load_suite(path)
     for index, run in enumerate(runs, 1):
         status = run_status(run.output_dir)
@@ -154,4 +213,28 @@ def run_suite(path: str | Path) -> Path:
             raise EllaError(f"the run {run.label}, {sequence}, seed {run.seed} stopped (exit status {exit_status}; its "
                             f"message is above). The finished runs are kept: fix the cause and run `ella bench {path}` "
                             "again to go on from there")
+    if "select" in suite:
+        selection = select_settings(suite["select"], runs)
+        (suite["output_dir"] / SELECTION).write_text(json.dumps(selection, indent=1))
+    else:  # a selection left from an earlier version of the suite would hide runs from the report
+        (suite["output_dir"] / SELECTION).unlink(missing_ok=True)
     return write_report([suite["output_dir"]], suite["output_dir"])
+
+
+def select_settings(grids: dict[str, dict], runs: list[SuiteRun]) -> dict:
+    """Each method's setting with the highest validation OA, the mean over its runs (every order and seed); on a tie,
+    the setting listed first. What ``ella report`` needs to show the chosen settings only and say how they were
+    chosen."""
+    methods = {}
+    for method, grid in grids.items():
+        settings = []
+        for values in _combinations(grid):
+            label = _label(method, values)
+            records = [json.loads((run.output_dir / RESULTS).read_text()) for run in runs if run.label == label]
+            oa = [record["validation"]["metrics"]["OA"] for record in records]
+            settings.append({"label": label, "values": values, "validation_OA": mean(oa), "runs": len(oa)})
+        best = max(settings, key=lambda setting: setting["validation_OA"])  # max keeps the first of equals
+        methods[method] = {"grid": grid, "settings": settings, "selected": best["label"]}
+    return {"metric": "validation OA", "validation_per_task": runs[0].spec.validation_per_task,
+            "orders": sorted({run.spec.order for run in runs}, key=str), "seeds": sorted({run.seed for run in runs}),
+            "methods": methods}

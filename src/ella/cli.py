@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser(
         "bench", help="run methods x orders x seeds from a suite file, then write the table and the report",
-        description="Run every run of a suite file (TOML: methods, orders, seeds, sweeps, shared `ella run` "
-                    "options; format in the README) one after another. Finished runs are skipped and interrupted "
+        description="Run every run of a suite file (TOML: methods, orders, seeds, sweeps or grids chosen by "
+                    "validation ([select]), shared `ella run` options; format in the README) one after another. Finished runs are skipped and interrupted "
                     "ones resumed, so the same command continues a suite after a crash.")
     bench.add_argument("suite", type=Path, help="the suite file, e.g. benchmarks/standard_smollm2.toml")
     bench.set_defaults(handler=command_bench)

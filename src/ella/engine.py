@@ -20,7 +20,7 @@ import platform
 import resource
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -96,13 +96,17 @@ class SequenceResult:
     seconds: float = 0.0  # wall time of the whole sequence so far, across resumptions
     final_predictions: list[list[str]] = field(default_factory=list)  # per task, after the last task
     task_metrics: dict[str, str] = field(default_factory=dict)  # task -> how its answers are scored
+    # with validation samples: validation[i][j], the accuracy on task j's validation sample after task i, measured
+    # where selection and validation BWT need it (row i: task i; the final row: every task), None elsewhere
+    validation: list[list[float | None]] = field(default_factory=list)
 
     @classmethod
     def from_record(cls, record: dict) -> "SequenceResult":
         """The result stored in a results.json (without the predictions)."""
         return cls(record["tasks"], record["evaluation"]["mode"], record["zero_shot"], record["accuracy_matrix"],
                    record["task_logs"], record["eval_seconds"], record["total_seconds"],
-                   task_metrics={d["name"]: d["metric"] for d in record.get("task_details", [])})
+                   task_metrics={d["name"]: d["metric"] for d in record.get("task_details", [])},
+                   validation=record.get("validation", {}).get("accuracy", []))
 
     @classmethod
     def continued(cls, record: dict, tasks: list[Task], eval_mode: str) -> "SequenceResult":
@@ -135,7 +139,20 @@ class SequenceResult:
     def metrics(self) -> dict | None:
         return metrics.summarize(self.matrix, self.zero_shot) if self.complete else None
 
+    def validation_metrics(self) -> dict | None:
+        """OA and BWT on the validation samples (they read only the final row and the diagonal, both measured)."""
+        if not (self.complete and self.validation):
+            return None
+        return {"OA": metrics.average_accuracy(self.validation), "BWT": metrics.backward_transfer(self.validation)}
+
     def to_dict(self) -> dict:
+        validation = {"validation": {
+            "accuracy": self.validation,
+            "cells": "accuracy[i][j]: on task j's validation sample (examples of its training split outside its "
+                     "training sample; task_details gives their number) after task i; measured for j = i and, after "
+                     "the last task, for every j; null elsewhere. Apart from accuracy_matrix, which is on the test "
+                     "examples",
+            "metrics": self.validation_metrics()}} if self.validation else {}
         return {
             "tasks": self.tasks,
             "evaluation": {"mode": self.eval_mode,
@@ -148,6 +165,7 @@ class SequenceResult:
             "task_logs": self.task_logs,
             "eval_seconds": self.eval_seconds,
             "total_seconds": self.seconds,
+            **validation,
         }
 
 
@@ -372,6 +390,19 @@ def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEn
     return scores
 
 
+def evaluate_validation(model, tokenizer, tasks: list[Task], encoders: list[TaskEncoder], evaluation: EvaluationConfig,
+                        accelerator: Accelerator, t: int) -> list[float | None]:
+    """Row ``t`` of the validation matrix: task t's own validation sample, and after the last task every task's (what
+    validation OA and BWT read); None for the cells not measured."""
+    measured = range(len(tasks)) if t == len(tasks) - 1 else [t]
+    scores = evaluate_sequence(model, tokenizer, [replace(tasks[j], test=tasks[j].validation) for j in measured],
+                               [encoders[j] for j in measured], evaluation, accelerator, f"validation after {t + 1}")
+    row: list[float | None] = [None] * len(tasks)
+    for j, score in zip(measured, scores):
+        row[j] = score.accuracy
+    return row
+
+
 def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
@@ -390,6 +421,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
     if not tasks:
         raise EllaError("the task sequence is empty")
+    if len({bool(task.validation) for task in tasks}) > 1 or (previous is not None and tasks[0].validation):
+        raise EllaError("validation samples: give every task one or none, and none in a continued run (its earlier "
+                        "tasks have no validation row)")
     output_dir = Path(output_dir) if output_dir is not None else None
     started = time.perf_counter()
     set_seed(training.seed)
@@ -449,6 +483,8 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         eval_start = time.perf_counter()
         scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator,
                                    f"after {t + 1} ({task.name})")
+        if task.validation:
+            result.validation.append(evaluate_validation(model, tokenizer, tasks, encoders, evaluation, accelerator, t))
         result.eval_seconds.append(time.perf_counter() - eval_start)
         result.matrix.append([score.accuracy for score in scores])
         result.final_predictions = [score.predictions for score in scores]

@@ -15,6 +15,8 @@ from .checkpoint import RESULTS
 from .engine import SequenceResult
 from .errors import EllaError
 
+SELECTION = "selection.json"  # in a suite's output directory: which setting of each grid validation chose (bench.py)
+
 
 def format_matrix(result: SequenceResult) -> str:
     """Rows: zero-shot, then after each task; columns: the tasks; cells: accuracy in %, – where not measured (a
@@ -44,6 +46,14 @@ def format_metrics(result: SequenceResult) -> str:
     fwt = show("FWT", signed=True) + ("" if summary["FWT"] is None else " (vs zero-shot)" if measured == len(
         result.tasks) else f" (vs zero-shot, over the {measured} tasks that have one)")
     return "  ".join([show("OA"), show("BWT", signed=True), fwt, show("forgetting")])
+
+
+def format_validation(result: SequenceResult) -> str:
+    """The validation samples' OA and BWT, and the final row, of a finished run."""
+    summary = result.validation_metrics()
+    bwt = "n/a" if summary["BWT"] is None else f"{summary['BWT']:+.1f}"
+    final = "  ".join(f"{name} {value:.1f}" for name, value in zip(result.tasks, result.validation[-1]))
+    return f"validation (apart from the test examples): OA {summary['OA']:.1f}  BWT {bwt}  (final row: {final})"
 
 
 def _pyplot():
@@ -249,13 +259,51 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
     return out
 
 
+def read_selections(paths: list[str | Path]) -> list[dict]:
+    """The selections ``ella bench`` wrote (``SELECTION``) in the given directories."""
+    return [json.loads((Path(p) / SELECTION).read_text()) for p in paths if (Path(p) / SELECTION).is_file()]
+
+
+def selected_runs(runs: list[dict], selections: list[dict]) -> list[dict]:
+    """The runs less those of the settings that validation did not select."""
+    passed_over = {setting["label"] for selection in selections for method in selection["methods"].values()
+                   for setting in method["settings"] if setting["label"] != method["selected"]}
+    return [run for run in runs if run["label"] not in passed_over]
+
+
+def describe_selection(selection: dict) -> str:
+    """How the settings were chosen, in one paragraph."""
+    methods = selection["methods"]
+    grids = "; ".join(f"{method}: " + ", ".join(f"{name} ∈ {{{', '.join(map(str, values))}}}"
+                                                for name, values in choice["grid"].items())
+                      for method, choice in methods.items())
+    budget = len(next(iter(methods.values()))["settings"])
+    runs = sum(setting["runs"] for choice in methods.values() for setting in choice["settings"])
+    return (f"Hyper-parameters selected by validation OA, never by test: for each method, of its grid ({budget} "
+            f"settings per method; {grids}) the setting with the highest mean accuracy after the last task on "
+            f"{selection['validation_per_task']} validation examples per task (drawn from each task's training "
+            f"split, outside its training sample), averaged over {', '.join(map(_sequence, selection['orders']))} "
+            f"and seed(s) {', '.join(map(str, selection['seeds']))} ({runs} runs in all); a tie goes to the setting "
+            "listed first in the grid. The results, costs and figures below are the selected settings' runs only, "
+            "on the test examples.")
+
+
+def selection_table(selection: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "setting", "validation OA", "selected"]
+    rows = [[method, ", ".join(f"{name} {value}" for name, value in setting["values"].items()),
+             f"{setting['validation_OA']:.1f}", "✓" if setting["label"] == choice["selected"] else ""]
+            for method, choice in selection["methods"].items() for setting in choice["settings"]]
+    return header, rows
+
+
 def describe(runs: list[dict]) -> str:
     """What was run, from the runs' own records."""
     first = runs[0]
     info, training, evaluation = first["run"], first["training_config"], first["evaluation"]
+    validation = f", {info['validation_per_task']} validation" if info.get("validation_per_task") else ""
     return (f"Model **{info.get('model')}**, {info.get('tasks_from', '').split(' order')[0]} tasks; "
-            f"{info.get('train_per_task') or 'all'} training and {info.get('test_per_task') or 'all'} test examples "
-            f"per task, {training['epochs']} epoch(s), batch {training['batch_size']}, max length "
+            f"{info.get('train_per_task') or 'all'} training{validation} and {info.get('test_per_task') or 'all'} test "
+            f"examples per task, {training['epochs']} epoch(s), batch {training['batch_size']}, max length "
             f"{training['max_length']}; evaluation: {evaluation['description']}; mixed precision "
             f"{first['mixed_precision']} on {first['device']}. FWT is measured against the zero-shot accuracy. "
             f"{len(runs)} runs.")
@@ -263,22 +311,25 @@ def describe(runs: list[dict]) -> str:
 
 def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
     """report.md (with its PNG figures beside it) and report.html (figures embedded) in ``output_dir``."""
-    runs = collect_runs(paths)
+    selections = read_selections(paths)
+    runs = selected_runs(collect_runs(paths), selections)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tables = [("Results (the papers' form; ± is the spread over seeds)", results_table(runs)),
-              ("Cost per run", cost_table(runs))]
+    results = results_table(runs)
+    tables = [("Hyper-parameters selected by validation", selection_table(selection)) for selection in selections]
+    tables += [("Results (the papers' form; ± is the spread over seeds)", results), ("Cost per run", cost_table(runs))]
     diagnostics = diagnostics_table(runs)
     if diagnostics:
         tables.append(("ELLA's mechanism per task", diagnostics))
     images = figures(runs)
     for name, data in images.items():
         (output_dir / name).write_bytes(data)
-    markdown = ["# ella report", "", describe(runs), ""]
+    paragraphs = [describe(runs)] + [describe_selection(selection) for selection in selections]
+    markdown = ["# ella report", ""] + [line for text in paragraphs for line in (text, "")]
     page = ["<!doctype html><meta charset='utf-8'><title>ella report</title><style>body{font-family:sans-serif;"
             "max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
             "padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-            "</style><h1>ella report</h1>", f"<p>{html.escape(describe(runs)).replace('**', '')}</p>"]
+            "</style><h1>ella report</h1>"] + [f"<p>{html.escape(text).replace('**', '')}</p>" for text in paragraphs]
     for title, (header, rows) in tables:
         markdown += [f"## {title}", "", _markdown(header, rows), ""]
         page += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
@@ -289,5 +340,5 @@ def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
         page.append(f"<p><img alt='{name}' src='data:image/png;base64,{base64.b64encode(data).decode()}'></p>")
     (output_dir / "report.md").write_text("\n".join(markdown))
     (output_dir / "report.html").write_text("\n".join(page))
-    print(_markdown(*tables[0][1]))
+    print(_markdown(*results))
     return output_dir / "report.md"

@@ -29,7 +29,7 @@ from .errors import EllaError
 from .evaluation import EVAL_MODES, scoring_description
 from .methods import get_method
 from .models import BUILTIN_MODELS, DTYPES, load_model
-from .report import format_matrix, format_metrics, plot_matrix
+from .report import format_matrix, format_metrics, format_validation, plot_matrix
 
 
 def option(default, help: str, group: str, choices=None, aliases: tuple[str, ...] = ()):
@@ -67,6 +67,11 @@ class RunSpec:
                                   "tasks")
     train_per_task: int | None = option(None, "training examples per task (default: all)", "tasks")
     test_per_task: int | None = option(None, "test examples per task (default: all)", "tasks")
+    validation_per_task: int = option(0, "validation examples per task (0: none), drawn from its training split "
+                                      "outside the training sample, which stays the one drawn without them (needs "
+                                      "--train-per-task); evaluated on each task after it is learnt and on every "
+                                      "task after the last, recorded apart from the test matrix (for choosing "
+                                      "hyper-parameters: `ella bench`'s [select])", "tasks")
     # method (its hyper-parameters: `hyperparameters`, one option each on the command line)
     method: str | None = option(None, "continual-learning method, or parts joined by + (e.g. inclora+ella+replay); "
                                 f"`ella methods` lists them (default: {DEFAULT_METHOD}; continuing, the continued "
@@ -160,7 +165,8 @@ def _kinds(annotation) -> tuple[type, ...]:
 
 def load_tasks(spec: RunSpec):
     """The tasks of the run, a description of where they come from, and the order (None for named tasks)."""
-    sample = dict(train_per_task=spec.train_per_task, test_per_task=spec.test_per_task, seed=spec.seed)
+    sample = dict(train_per_task=spec.train_per_task, test_per_task=spec.test_per_task, seed=spec.seed,
+                  validation_per_task=spec.validation_per_task)
     if spec.sequence is not None:
         if spec.tasks or spec.order:
             raise EllaError("--sequence brings its own tasks: drop --tasks / --order")
@@ -189,6 +195,9 @@ def run(spec: RunSpec):
     training, evaluation = spec.training_config(), spec.evaluation_config()
     if previous is not None:
         previous.check_evaluation(dataclasses.asdict(evaluation))  # (run_sequence checks it too, for the API)
+        if spec.validation_per_task or previous.info.get("validation_per_task"):
+            raise EllaError("continuing a run takes no validation samples (the continued run's rows would have none): "
+                            "leave out --validation-per-task, and continue a run made without it")
         if spec.sequence is None and not spec.tasks and spec.order is None:
             raise EllaError("name the tasks to learn after the continued run's: --tasks, --order or --sequence")
     tasks, source, order = load_tasks(spec)
@@ -240,7 +249,7 @@ def run(spec: RunSpec):
     run_info = {"command": spec.command, "label": spec.label or name, "model": model_name,
                 "dtype": dtype, "tasks_from": source, "benchmark": None if spec.sequence else spec.benchmark,
                 "order": order, "seed": spec.seed, "train_per_task": spec.train_per_task,
-                "test_per_task": spec.test_per_task}
+                "test_per_task": spec.test_per_task, "validation_per_task": spec.validation_per_task}
     if previous is not None:
         added = {"benchmark": run_info["benchmark"], "sequence": str(spec.sequence) if spec.sequence else None,
                  "tasks": [task.name for task in tasks], "seed": spec.seed, "train_per_task": spec.train_per_task,
@@ -274,6 +283,8 @@ def _report(spec: RunSpec, title: str, tasks, model, tokenizer, method, rng, res
           f"{', '.join(f'{t.name} {len(t.test)}' for t in tasks)} test examples")
     print(format_matrix(result))
     print(format_metrics(result))
+    if result.validation:
+        print(format_validation(result))
     print(f"results: {output_dir / 'results.json'}  heat-map: {plot}")
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from ..errors import EllaError
 from . import superni, trace
-from .tasks import Task, check_sample_size, parse_examples, prompt_prefix, read_json_object, read_records, subsample
+from .tasks import (Task, check_sample_size, check_validation_size, parse_examples, prompt_prefix, read_json_object,
+                    read_records, sample_training_split, subsample)
 
 
-def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
-                  source: str) -> Task:
+def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int | None, n_validation: int,
+                  seed: int, source: str) -> Task:
     labels = read_records(directory / "labels.json")
     if not labels or not all(isinstance(label, str) for label in labels):
         raise EllaError(f"{directory / 'labels.json'}: expected a non-empty JSON list of label strings")
@@ -33,12 +34,12 @@ def _load_cl_task(name: str, directory: Path, n_train: int | None, n_test: int |
         prefix = prompt_prefix(instructions[group][0]["instruction"], labels)
     else:
         prefix = ""
-    splits = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        file = directory / f"{split}.json"
-        examples = parse_examples(read_records(file), file, "sentence", "label", labels)
-        splits[split] = subsample(examples, n, seed, f"{name}/{split}")
-    return Task(name, splits["train"], splits["test"], labels=labels, prefix=prefix, source=source)
+    files = {split: directory / f"{split}.json" for split in ("train", "test")}
+    examples = {split: parse_examples(read_records(file), file, "sentence", "label", labels)
+                for split, file in files.items()}
+    train, validation = sample_training_split(examples["train"], n_train, n_validation, seed, name, files["train"])
+    return Task(name, train, subsample(examples["test"], n_test, seed, f"{name}/test"), labels=labels, prefix=prefix,
+                source=source, validation=validation)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Benchmark:
     directory: str  # under the data directory; holds orders.json
     orders: dict[str, str]  # order name -> its key in orders.json
     task_marker: str  # glob of a file that every task directory holds
-    load_task: Callable[..., Task]  # (name, directory, train_per_task, test_per_task, seed, source) -> Task
+    # (name, directory, train_per_task, test_per_task, validation_per_task, seed, source) -> Task
+    load_task: Callable[..., Task]
 
 
 BENCHMARKS = {
@@ -102,11 +104,12 @@ def task_order(benchmark: str, order: int | str, root: Path) -> list[str]:
 
 def load_cl_benchmark(benchmark: str = "standard", order: int | str | None = None, tasks: list[str] | None = None,
                       data_dir: str | Path | None = None, train_per_task: int | None = None,
-                      test_per_task: int | None = None, seed: int = 42) -> list[Task]:
+                      test_per_task: int | None = None, seed: int = 42, validation_per_task: int = 0) -> list[Task]:
     """The tasks of a benchmark order (default: its first; or the benchmark's named ``tasks``, in the given
-    order), seeded-subsampled."""
+    order), seeded-subsampled; ``validation_per_task``: see ``tasks.sample_training_split``."""
     check_sample_size("train_per_task", train_per_task)
     check_sample_size("test_per_task", test_per_task)
+    check_validation_size(validation_per_task)
     root = benchmark_root(benchmark, data_dir)
     names = list(tasks) if tasks else task_order(benchmark, order or BENCHMARK_ORDERS[benchmark][0], root)
     spec = BENCHMARKS[benchmark]
@@ -118,5 +121,5 @@ def load_cl_benchmark(benchmark: str = "standard", order: int | str | None = Non
     if len(set(names)) != len(names):
         raise EllaError(f"a task appears twice in {names}; each task can be learned once per sequence")
     # a task's source is its directory under the data directory: results stay valid wherever the data lies
-    return [spec.load_task(name, directories[name], train_per_task, test_per_task, seed,
+    return [spec.load_task(name, directories[name], train_per_task, test_per_task, validation_per_task, seed,
                            str(directories[name].relative_to(root.parent))) for name in names]

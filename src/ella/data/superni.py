@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EllaError
-from .tasks import Example, Task, read_json_object, subsample
+from .tasks import Example, Task, read_json_object, sample_training_split, subsample
 
 PREFIX = "Definition: {definition}\n\nNow complete the following example -\nInput: "
 SUFFIX = "\nOutput:"
@@ -40,10 +40,12 @@ def _instances(file: Path) -> tuple[str, list[Example]]:
     return definition, examples
 
 
-def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
+def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, n_validation: int, seed: int,
               source: str) -> Task:
-    definition, train = _instances(directory / "train.json")
+    definition, examples = _instances(directory / "train.json")
     _, test = _instances(directory / "test.json")
-    return Task(name, subsample(train, n_train, seed, f"{name}/train"), subsample(test, n_test, seed, f"{name}/test"),
+    train, validation = sample_training_split(examples, n_train, n_validation, seed, name, directory / "train.json")
+    return Task(name, train, subsample(test, n_test, seed, f"{name}/test"),
                 prefix=PREFIX.format(definition=definition.strip()), suffix=SUFFIX,
-                metric="exact_match" if name.endswith("_classification") else "rouge_l", source=source)
+                metric="exact_match" if name.endswith("_classification") else "rouge_l", source=source,
+                validation=validation)

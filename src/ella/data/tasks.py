@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EllaError
@@ -54,12 +54,15 @@ class Task:
     metric: str = "exact_match"  # how a generated answer is scored: a name in ella.scores.ANSWER_METRICS
     keep_input_end: bool = False  # truncate a long input from its start (code completion needs the end)
     source: str = ""  # where the examples came from, for error messages and results.json
+    validation: list[Example] = field(default_factory=list)  # from the training split, outside ``train``
 
     def prompt(self, example: Example) -> str:
         return self.prefix + example.input + self.suffix
 
     def describe(self) -> dict:
+        # "validation" only where there is a sample: the record of a run without one stays as it was
         return {"name": self.name, "train": len(self.train), "test": len(self.test),
+                **({"validation": len(self.validation)} if self.validation else {}),
                 "labels": self.labels, "metric": self.metric, "source": self.source}
 
 
@@ -75,9 +78,37 @@ def subsample(examples: list[Example], n: int | None, seed: int, key: str) -> li
     return random.Random(f"{seed}/{key}").sample(examples, n)
 
 
+def sample_training_split(examples: list[Example], n_train: int | None, n_validation: int, seed: int, name: str,
+                          file: Path) -> tuple[list[Example], list[Example]]:
+    """A task's training sample and validation sample, both from its training split (``file``).
+
+    The training sample is drawn exactly as without validation, so it is the same for a seed whatever
+    ``n_validation``; the validation sample is a seeded draw from the examples outside it (in file order), so the
+    two never share an example, and neither shares one with the test split, a file of its own."""
+    train = subsample(examples, n_train, seed, f"{name}/train")
+    if not n_validation:
+        return train, []
+    if n_train is None:
+        raise EllaError(f"{name}: --validation-per-task draws from the training examples the run does not train on; "
+                        f"without --train-per-task it trains on all of them: give --train-per-task too (at most "
+                        f"{len(examples) - n_validation} for {file})")
+    if n_train + n_validation > len(examples):
+        raise EllaError(f"{name}: {file} has {len(examples)} training examples, too few for {n_train} training + "
+                        f"{n_validation} validation examples; lower --train-per-task or --validation-per-task "
+                        f"(together at most {len(examples)})")
+    trained = {id(example) for example in train}  # by identity: a split may hold two equal rows
+    rest = [example for example in examples if id(example) not in trained]
+    return train, subsample(rest, n_validation, seed, f"{name}/validation")
+
+
 def check_sample_size(name: str, n: int | None) -> None:
     if n is not None and n < 1:
         raise EllaError(f"{name} must be at least 1 (got {n}); leave it out to use every example")
+
+
+def check_validation_size(n: int) -> None:
+    if n < 0:
+        raise EllaError(f"validation_per_task must be 0 (no validation sample) or more (got {n})")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -124,11 +155,13 @@ def parse_examples(rows: list, path: Path, input_key: str, output_key: str,
 
 
 def load_task_sequence(path: str | Path, train_per_task: int | None = None, test_per_task: int | None = None,
-                       seed: int = 42) -> list[Task]:
-    """Load a user-defined task sequence (format in this module's docstring)."""
+                       seed: int = 42, validation_per_task: int = 0) -> list[Task]:
+    """Load a user-defined task sequence (format in this module's docstring); ``validation_per_task``: see
+    ``sample_training_split``."""
     path = Path(path)
     check_sample_size("train_per_task", train_per_task)
     check_sample_size("test_per_task", test_per_task)
+    check_validation_size(validation_per_task)
     spec = read_json_object(path)
     entries = spec.get("tasks")
     if not isinstance(entries, list) or not entries:
@@ -156,13 +189,14 @@ def load_task_sequence(path: str | Path, train_per_task: int | None = None, test
         instruction = entry.get("instruction", "")
         if not isinstance(instruction, str):
             raise EllaError(f"{where} ({name}): \"instruction\" must be a string")
-        splits = {}
-        for key, n in (("train", train_per_task), ("test", test_per_task)):
-            file = path.parent / entry[key]
-            examples = parse_examples(read_records(file), file, "input", "output", labels)
-            splits[key] = subsample(examples, n, seed, f"{name}/{key}")
-        tasks.append(Task(name, splits["train"], splits["test"], labels=labels,
-                          prefix=prompt_prefix(instruction, labels), source=str(path)))
+        files = {key: path.parent / entry[key] for key in ("train", "test")}
+        examples = {key: parse_examples(read_records(file), file, "input", "output", labels)
+                    for key, file in files.items()}
+        train, validation = sample_training_split(examples["train"], train_per_task, validation_per_task, seed, name,
+                                                  files["train"])
+        tasks.append(Task(name, train, subsample(examples["test"], test_per_task, seed, f"{name}/test"),
+                          labels=labels, prefix=prompt_prefix(instruction, labels), source=str(path),
+                          validation=validation))
     return tasks
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EllaError
-from .tasks import Example, Task, parse_examples, read_records, subsample
+from .tasks import Example, Task, parse_examples, read_records, sample_training_split, subsample
 
 METRICS = {"C-STANCE": "choice", "FOMC": "choice", "ScienceQA": "choice", "NumGLUE-cm": "number",
            "NumGLUE-ds": "number", "MeetingBank": "rouge_l", "Py150": "edit_similarity", "20Minuten": "sari"}
@@ -25,21 +25,23 @@ def _split_cue(example: Example) -> tuple[str, str]:
     return (head, newline + cue) if newline and len(cue) <= CUE_LENGTH else (example.input, "")
 
 
-def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, seed: int,
+def load_task(name: str, directory: Path, n_train: int | None, n_test: int | None, n_validation: int, seed: int,
               source: str) -> Task:
     if name not in METRICS:
         raise EllaError(f"{directory}: unknown TRACE task {name!r}; TRACE's tasks are {', '.join(METRICS)}")
     train_file = directory / "train.json"
     if not train_file.is_file() and (directory / "eval.json").is_file():
         train_file = directory / "eval.json"
-    splits = {}
-    for split, file, n in (("train", train_file, n_train), ("test", directory / "test.json", n_test)):
-        examples = parse_examples(read_records(file), file, "prompt", "answer", None)
-        splits[split] = subsample(examples, n, seed, f"{name}/{split}")
-    cues = {_split_cue(e)[1] for e in splits["train"] + splits["test"]}
+    test_file = directory / "test.json"
+    train, validation = sample_training_split(parse_examples(read_records(train_file), train_file, "prompt", "answer",
+                                                             None), n_train, n_validation, seed, name, train_file)
+    test = subsample(parse_examples(read_records(test_file), test_file, "prompt", "answer", None), n_test, seed,
+                     f"{name}/test")
+    splits = {"train": train, "validation": validation, "test": test}
+    cues = {_split_cue(e)[1] for examples in splits.values() for e in examples}
     suffix = cues.pop() if len(cues) == 1 else ""  # a cue shared by every prompt becomes the task's suffix
     if suffix:
         splits = {k: [Example(e.input[: -len(suffix)], e.output) for e in v] for k, v in splits.items()}
     substitute = "" if train_file.name == "train.json" else " (trains on eval.json: no train split)"
     return Task(name, splits["train"], splits["test"], suffix=suffix, metric=METRICS[name],
-                keep_input_end=name == "Py150", source=source + substitute)
+                keep_input_end=name == "Py150", source=source + substitute, validation=splits["validation"])
