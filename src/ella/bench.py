@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import subprocess
 import sys
 import tomllib
@@ -42,6 +41,7 @@ from pathlib import Path
 from .checkpoint import run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
+from .provenance import portable_path
 from .runspec import RunSpec
 
 SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep",
@@ -115,7 +115,7 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
               **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
-              "command": f"ella bench {os.path.relpath(path)}"}
+              "command": f"ella bench {portable_path(path.absolute())}"}
     runs = []
     for label, method, hyperparameters, variant_orders in variants:
         for order in variant_orders:

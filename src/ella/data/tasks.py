@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EllaError
+from ..provenance import portable_path
 
 ANSWER_SUFFIX = "\nAnswer:"
 
@@ -162,7 +163,7 @@ def load_task_sequence(path: str | Path, train_per_task: int | None = None, test
             examples = parse_examples(read_records(file), file, "input", "output", labels)
             splits[key] = subsample(examples, n, seed, f"{name}/{key}")
         tasks.append(Task(name, splits["train"], splits["test"], labels=labels,
-                          prefix=prompt_prefix(instruction, labels), source=str(path)))
+                          prefix=prompt_prefix(instruction, labels), source=portable_path(path)))
     return tasks
 
 
