@@ -106,7 +106,12 @@ def test_continuing_equals_one_long_run(runs, method):
     assert {k: ours[k] for k in ("OA", "BWT", "forgetting")} == {k: theirs[k] for k in ("OA", "BWT", "forgetting")}
     assert ours["FWT"] == pytest.approx(sum(whole.matrix[j][j] - whole.zero_shot[j] for j in range(n_old)) / n_old)
     assert "2 of 3 tasks" in record["metrics_cells"]["FWT"]
-    assert record["run"]["continued_from"] == str(dirs["first"]) and len(record["run"]["task_sources"]) == 2
+    # paths outside the working directory are recorded by their last component; the saved model keeps where the
+    # sequence files lie, which continuing read them from
+    assert record["run"]["continued_from"] == "…/first" and len(record["run"]["task_sources"]) == 2
+    assert [source["sequence"] for source in record["run"]["task_sources"]] == ["…/first.json", "…/more.json"]
+    assert json.loads((dirs["continued"] / "model" / "ella_run.json").read_text())["sequence_files"] == \
+        [str(runs["files"]["first"]), str(runs["files"]["more"])]
     assert record["method"] == json.loads((dirs["whole"] / "results.json").read_text())["method"]
 
 

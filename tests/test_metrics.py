@@ -34,3 +34,24 @@ def test_summary_and_single_task():
     assert summarize([[42.0]]) == {"OA": 42.0, "BWT": None, "FWT": None, "forgetting": None}
     with pytest.raises(ValueError):
         summarize(A[:2])
+
+
+# The same run evaluated on a schedule: before the final row only the diagonal (and a[1][0]) was measured.
+SCHEDULED = [[80.0, None, None],
+             [85.0, 70.0, None],
+             [50.0, 65.0, 90.0]]
+
+
+def test_metrics_of_a_matrix_with_unmeasured_cells():
+    # OA and BWT read only measured cells: as for A. Forgetting: task 0 best 85 -> 35, task 1 best 70 -> 5.
+    assert summarize(SCHEDULED, ZERO_SHOT) == pytest.approx({"OA": 205 / 3, "BWT": -17.5, "FWT": 70.0,
+                                                              "forgetting": 20.0})
+    diagonal = [[80.0, None, None], [None, 70.0, None], [50.0, 65.0, 90.0]]
+    assert forgetting(diagonal) == pytest.approx(((80 - 50) + (70 - 65)) / 2)  # = -BWT
+
+
+def test_the_final_row_and_the_diagonal_must_be_measured():
+    with pytest.raises(ValueError, match=r"a\[1\]\[1\] are None"):
+        summarize([[80.0, None, None], [None, None, None], [50.0, 65.0, 90.0]])
+    with pytest.raises(ValueError, match=r"a\[2\]\[0\] are None"):
+        summarize([[80.0, None, None], [None, 70.0, None], [None, 65.0, 90.0]])

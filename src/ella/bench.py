@@ -54,6 +54,7 @@ from statistics import mean
 from .checkpoint import RESULTS, run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
+from .provenance import portable_path
 from .report import SELECTION, write_report
 from .runspec import RunSpec
 
@@ -172,7 +173,7 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
               **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
-              "command": f"ella bench {os.path.relpath(path)}"}
+              "command": f"ella bench {portable_path(path.absolute())}"}
     runs = []
     for label, method, hyperparameters, own, variant_orders in variants:
         for order in variant_orders:

@@ -46,6 +46,9 @@ RNG = "rng.safetensors"
 RUN_FILES = (RESULTS, METHOD_STATE, PREDICTIONS, PROGRESS, "accuracy_matrix.png", "model",
              "checkpoint")  # what --overwrite removes ("checkpoint": where ella before 0.2 kept its progress)
 RESUME_KEYS = ("tasks", "task_details", "method", "model", "training_config", "evaluation_config")  # must match
+# Settings added to a section of RESUME_KEYS after runs were recorded without them, with the value those runs had:
+# such a run resumes (and `ella bench` skips it when complete) as long as the setting keeps that value.
+ADDED_SETTINGS = {"evaluation_config": {"schedule": "full"}}
 COMMIT = re.compile(r"after-task-(\d+)")
 
 
@@ -285,9 +288,12 @@ def check_commit(run: SavedRun, tasks_done: int, top: dict | None) -> None:
 
 
 def check_settings(output_dir: Path, record: dict, header: dict) -> None:
-    """The settings of ``RESUME_KEYS`` must match (those a run made by an older ella did not record are skipped)."""
+    """The settings of ``RESUME_KEYS`` must match (those a run made by an older ella did not record are skipped, or
+    taken at the value of ``ADDED_SETTINGS``)."""
     expected = json.loads(json.dumps(header))
-    different = [key for key in RESUME_KEYS if key in record and record[key] != expected.get(key)]
+    recorded = {key: {**ADDED_SETTINGS[key], **record[key]} if key in ADDED_SETTINGS else record[key]
+                for key in RESUME_KEYS if key in record}
+    different = [key for key, value in recorded.items() if value != expected.get(key)]
     if different:
         raise EllaError(f"the run in {output_dir} was made with other settings ({', '.join(different)} differ); "
                         "resume it with the same options, or choose another --output-dir, or pass --overwrite")

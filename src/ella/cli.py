@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shlex
 import sys
 import typing
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from .bench import run_suite
 from .errors import EllaError
 from .methods import METHODS, PARTS, get_method, method_fields
+from .provenance import portable_command
 from .report import write_report
 from .runspec import DEFAULT_METHOD, RunSpec, quiet_libraries, run
 
@@ -148,7 +148,7 @@ def command_run(args: argparse.Namespace) -> int:
         raise EllaError(", ".join("--" + k.replace("_", "-") for k in foreign) +
                         f" does not apply to method {method}; `ella methods` lists each method's options")
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunSpec) if "group" in f.metadata}
-    run(RunSpec(**settings, hyperparameters=hyperparameters, command="ella " + shlex.join(args.argv)))
+    run(RunSpec(**settings, hyperparameters=hyperparameters, command=portable_command(args.argv)))
     return 0
 
 

@@ -5,7 +5,9 @@
     config.json, model.safetensors,     the final model with its adapters merged:
     tokenizer files, ...                 AutoModelForCausalLM (or Seq2SeqLM).from_pretrained(OUTPUT_DIR/model)
     ella_run.json                        the run's final record (its results.json): method and hyper-parameters,
-                                         the tasks learnt and where they came from, the accuracy matrix
+                                         the tasks learnt and where they came from, the accuracy matrix; and
+                                         sequence_files, where the sequence files lie on this machine (one
+                                         per part of task_sources; results.json records them portably)
     method_state.safetensors             the method's state (ELLA's W_past, O-LoRA's A's, EWC's Fisher, the buffer)
     rng.safetensors                      the random-number state at the end of the run
     live_adapters.safetensors            methods whose LoRA is never merged (seqlora, ewc, replay): the adapted
@@ -158,15 +160,15 @@ class PreviousRun:
     def tasks(self, data_dir: str | None) -> list[Task]:
         """The continued run's tasks, rebuilt from their recorded sources and checked against their record."""
         tasks = []
-        for source in self.task_sources():
+        for source, file in zip(self.task_sources(), self.sequence_files()):
             sample = dict(train_per_task=source["train_per_task"], test_per_task=source["test_per_task"],
                           seed=source["seed"])
             if source.get("sequence"):
-                if not Path(source["sequence"]).is_file():
+                if not Path(file).is_file():
                     raise EllaError(f"the continued run's tasks {', '.join(source['tasks'])} came from the sequence "
-                                    f"file {source['sequence']} (the path as that run was given it), which is not "
-                                    "found from here: continue from the directory that run was started in")
-                loaded = load_task_sequence(source["sequence"], **sample)
+                                    f"file {file}, which is not found from here: put it back there (a relative "
+                                    "path is from the directory that run was started in, continue from there)")
+                loaded = load_task_sequence(file, **sample)
             else:
                 loaded = load_cl_benchmark(source["benchmark"], None, source["tasks"], data_dir, **sample)
             if [task.name for task in loaded] != source["tasks"]:
@@ -188,6 +190,11 @@ class PreviousRun:
         return [{"benchmark": info.get("benchmark"), "sequence": None if info.get("benchmark") else info["tasks_from"],
                  "tasks": self.record["tasks"], "seed": info["seed"], "train_per_task": info.get("train_per_task"),
                  "test_per_task": info.get("test_per_task")}]
+
+    def sequence_files(self) -> list[str | None]:
+        """Where each part's sequence file lies on this machine (None for benchmark tasks): as the saved model
+        records it, or (saved by ella 0.3) the recorded path, as that run was given it."""
+        return self.record.get("sequence_files") or [source["sequence"] for source in self.task_sources()]
 
     def check_evaluation(self, evaluation_config: dict) -> None:
         """The earlier rows must be comparable with the new ones: the same scoring."""

@@ -1,6 +1,7 @@
 """The task loop: for each task the method prepares the model, the model trains on the task (task loss + the
 method's penalty), the method closes the task, and every task of the sequence is evaluated, seen or not: one
-row of the accuracy matrix. A zero-shot row before any training is the reference of FWT.
+row of the accuracy matrix (an evaluation schedule other than ``full`` evaluates only the task just learnt after
+some tasks). A zero-shot row before any training is the reference of FWT.
 
 accelerate places the model and batches on the device and runs mixed precision, so the same code runs on a CPU
 or a GPU. Under ``accelerate launch`` (or ``torchrun``) the training is data-parallel: every process computes the
@@ -31,7 +32,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from . import checkpoint, metrics
+from . import checkpoint, metrics, provenance
 from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task, scoring_description
@@ -39,6 +40,30 @@ from .methods import ContinualMethod, TaskData
 from .models import is_seq2seq
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+EVAL_SCHEDULES = {
+    "full": "every task after every task (N x N evaluations)",
+    "diagonal": "after each task only that task, and every task after the last one",
+    "every:K": "diagonal, and every task after every K-th task",
+}
+
+
+def schedule_period(schedule: str) -> int | None:
+    """Every how many tasks the evaluation schedule evaluates every task: full 1, every:K K, diagonal None."""
+    if schedule == "full":
+        return 1
+    if schedule == "diagonal":
+        return None
+    name, _, period = schedule.partition(":")
+    if name == "every" and period.isdigit() and int(period) >= 1:
+        return int(period)
+    raise EllaError(f"evaluation schedule {schedule!r}: choose full, diagonal or every:K with K a whole number >= 1 "
+                    "(e.g. every:5: every task after tasks 5, 10, ... and after the last)")
+
+
+def evaluates_every_task(schedule: str, task_index: int, num_tasks: int) -> bool:
+    """Whether the row after task ``task_index`` (0-based) is full; the last row always is (OA, BWT need it)."""
+    period = schedule_period(schedule)
+    return task_index == num_tasks - 1 or (period is not None and (task_index + 1) % period == 0)
 
 
 @dataclass
@@ -77,8 +102,10 @@ class EvaluationConfig:
     batch_size: int = 16
     max_new_tokens: int | None = None  # None: the task's longest answer + 4
     zero_shot: bool = True  # evaluate before training: the reference of FWT
+    schedule: str = "full"  # see EVAL_SCHEDULES; the zero-shot row is always full (FWT needs every task's)
 
     def __post_init__(self):
+        schedule_period(self.schedule)
         if self.mode not in EVAL_MODES:
             raise EllaError(f"unknown evaluation mode {self.mode!r}: choose one of {', '.join(EVAL_MODES)}")
         if self.batch_size < 1:
@@ -123,18 +150,23 @@ class SequenceResult:
         return len(self.matrix) == len(self.tasks)
 
     def metrics_cells(self) -> dict | None:
-        """Over which cells the metrics are computed, for a matrix with unmeasured (None) cells: a continued run's."""
+        """Over which cells the metrics are computed, for a matrix with unmeasured (None) cells: an evaluation
+        schedule's rows that hold only the task just learnt, a continued run's earlier rows."""
         if not any(v is None for row in [self.zero_shot or [], *self.matrix] for v in row):
             return None
         n = len(self.tasks)
         with_zero_shot = sum(v is not None for v in self.zero_shot or [])
-        return {"null cells": "not measured: the rows before a task joined the sequence (a continued run's earlier "
-                              "rows) have none for it, and a task added by continuing has no zero-shot accuracy "
+        measured_before_last = sum(row[j] is not None for i, row in enumerate(self.matrix[:-1]) for j in range(i + 1))
+        return {"null cells": "not measured: under an evaluation schedule other than full, a row that is not full "
+                              "holds only the task just learnt (a[i][i]); a continued run's earlier rows have none "
+                              "for the tasks added later, and a task added by continuing has no zero-shot accuracy "
                               "(the base model is not evaluated again)",
-                "OA": f"the final row, all {n} tasks",
-                "BWT": f"the first {n - 1} tasks: the final row minus each task's own a[j][j]",
+                "OA": f"the final row, all {n} tasks (always measured)",
+                "BWT": f"the first {n - 1} tasks: the final row minus each task's own a[j][j] (always measured)",
                 "FWT": f"the {with_zero_shot} of {n} tasks with a zero-shot accuracy: a[j][j] - zero-shot[j]",
-                "forgetting": f"the first {n - 1} tasks, over the rows from each task's own on (all measured)"}
+                "forgetting": f"the first {n - 1} tasks: the best measured a[i][j] with j <= i < {n - 1} (the "
+                              f"{measured_before_last} measured cells on or below the diagonal before the final row) "
+                              "minus the final row's a[N-1][j]"}
 
     def metrics(self) -> dict | None:
         return metrics.summarize(self.matrix, self.zero_shot) if self.complete else None
@@ -144,6 +176,13 @@ class SequenceResult:
         if not (self.complete and self.validation):
             return None
         return {"OA": metrics.average_accuracy(self.validation), "BWT": metrics.backward_transfer(self.validation)}
+
+    def add_row(self, scores: list[TaskScore | None]) -> None:
+        """The row after the next task (None where a task was not evaluated); a full row's predictions are kept,
+        so that the final row's are."""
+        self.matrix.append([None if score is None else score.accuracy for score in scores])
+        if all(score is not None for score in scores):
+            self.final_predictions = [score.predictions for score in scores]
 
     def to_dict(self) -> dict:
         validation = {"validation": {
@@ -403,6 +442,19 @@ def evaluate_validation(model, tokenizer, tasks: list[Task], encoders: list[Task
     return row
 
 
+def evaluate_after_task(model, tokenizer, tasks: list[Task], encoders: list[TaskEncoder],
+                        evaluation: EvaluationConfig, accelerator: Accelerator,
+                        task_index: int) -> list[TaskScore | None]:
+    """The scores after task ``task_index``: every task's, or on a row the schedule leaves partial only that
+    task's (None for the others)."""
+    label = f"after {task_index + 1} ({tasks[task_index].name})"
+    if evaluates_every_task(evaluation.schedule, task_index, len(tasks)):
+        return evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, label)
+    [score] = evaluate_sequence(model, tokenizer, [tasks[task_index]], [encoders[task_index]], evaluation,
+                                accelerator, label)
+    return [score if j == task_index else None for j in range(len(tasks))]
+
+
 def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
@@ -441,6 +493,7 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
               "model": model_identity(model), "training_config": asdict(training),
               "evaluation_config": asdict(evaluation), "mixed_precision": accelerator.mixed_precision,
               "device": str(accelerator.device), "processes": accelerator.num_processes,
+              "hardware": provenance.hardware(accelerator.device),  # of the latest segment, if resumed elsewhere
               "task_details": [task.describe() for task in tasks]}
     saved = None
     if resume and output_dir is not None:
@@ -481,13 +534,11 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         model, log = train_task(model, method, t, task, items, tokenizer, accelerator, training, len(tasks))
         result.task_logs.append(log)
         eval_start = time.perf_counter()
-        scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator,
-                                   f"after {t + 1} ({task.name})")
+        scores = evaluate_after_task(model, tokenizer, tasks, encoders, evaluation, accelerator, t)
         if task.validation:
             result.validation.append(evaluate_validation(model, tokenizer, tasks, encoders, evaluation, accelerator, t))
         result.eval_seconds.append(time.perf_counter() - eval_start)
-        result.matrix.append([score.accuracy for score in scores])
-        result.final_predictions = [score.predictions for score in scores]
+        result.add_row(scores)
         result.seconds += time.perf_counter() - started
         started = time.perf_counter()
         if output_dir is not None and accelerator.is_main_process:

@@ -14,6 +14,7 @@ from statistics import mean, stdev
 from .checkpoint import RESULTS
 from .engine import SequenceResult
 from .errors import EllaError
+from .provenance import describe_hardware
 
 SELECTION = "selection.json"  # in a suite's output directory: which setting of each grid validation chose (bench.py)
 
@@ -301,12 +302,17 @@ def describe(runs: list[dict]) -> str:
     first = runs[0]
     info, training, evaluation = first["run"], first["training_config"], first["evaluation"]
     validation = f", {info['validation_per_task']} validation" if info.get("validation_per_task") else ""
+    on = _by(runs, lambda r: describe_hardware(r["hardware"]) if "hardware" in r else "not recorded")
+    schedule = first["evaluation_config"].get("schedule", "full")
+    schedule = "" if schedule == "full" else f", schedule {schedule} (unmeasured cells blank)"
+    machines = "; ".join(f"{machine} ({len(group)} runs)" if len(on) > 1 else machine
+                         for machine, group in on.items())
     return (f"Model **{info.get('model')}**, {info.get('tasks_from', '').split(' order')[0]} tasks; "
             f"{info.get('train_per_task') or 'all'} training{validation} and {info.get('test_per_task') or 'all'} test "
             f"examples per task, {training['epochs']} epoch(s), batch {training['batch_size']}, max length "
-            f"{training['max_length']}; evaluation: {evaluation['description']}; mixed precision "
+            f"{training['max_length']}; evaluation: {evaluation['description']}{schedule}; mixed precision "
             f"{first['mixed_precision']} on {first['device']}. FWT is measured against the zero-shot accuracy. "
-            f"{len(runs)} runs.")
+            f"{len(runs)} runs; hardware: {machines}.")
 
 
 def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:

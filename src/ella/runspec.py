@@ -24,11 +24,13 @@ from pathlib import Path
 from .checkpoint import RESULTS, check_output_dir, rng_state, run_status
 from .continuation import PreviousRun, save_run_model
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
-from .engine import MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig, make_accelerator, run_sequence
+from .engine import (EVAL_SCHEDULES, MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig,
+                     make_accelerator, run_sequence, schedule_period)
 from .errors import EllaError
 from .evaluation import EVAL_MODES, scoring_description
 from .methods import get_method
 from .models import BUILTIN_MODELS, DTYPES, load_model
+from .provenance import portable_path
 from .report import format_matrix, format_metrics, format_validation, plot_matrix
 
 
@@ -104,6 +106,9 @@ class RunSpec:
                                         "evaluation")
     no_zero_shot: bool = option(False, "skip evaluating the base model before training (FWT is then not reported)",
                                 "evaluation")
+    eval_schedule: str = option("full", "which tasks are evaluated after each task: "
+                                + "; ".join(f"{k}: {v}" for k, v in EVAL_SCHEDULES.items())
+                                + ". Unevaluated cells are null; the zero-shot row is always full", "evaluation")
     # output
     output_dir: Path | None = option(None, "where results go (default: runs/<method>-<timestamp>)", "output")
     overwrite: bool = option(False, "replace a run already in --output-dir", "output")
@@ -130,6 +135,7 @@ class RunSpec:
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise EllaError(f"{f.name} = {value!r}: choose one of {', '.join(choices)}")
+        schedule_period(self.eval_schedule)  # a suite's bad schedule fails when the suite loads, before any run
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSpec":
@@ -151,7 +157,8 @@ class RunSpec:
 
     def evaluation_config(self) -> EvaluationConfig:
         return EvaluationConfig(mode=self.eval_mode, batch_size=self.eval_batch_size,
-                                max_new_tokens=self.max_new_tokens, zero_shot=not self.no_zero_shot)
+                                max_new_tokens=self.max_new_tokens, zero_shot=not self.no_zero_shot,
+                                schedule=self.eval_schedule)
 
 
 def _kinds(annotation) -> tuple[type, ...]:
@@ -170,7 +177,7 @@ def load_tasks(spec: RunSpec):
     if spec.sequence is not None:
         if spec.tasks or spec.order:
             raise EllaError("--sequence brings its own tasks: drop --tasks / --order")
-        return load_task_sequence(spec.sequence, **sample), str(spec.sequence), None
+        return load_task_sequence(spec.sequence, **sample), portable_path(spec.sequence), None
     if spec.tasks and spec.order:
         raise EllaError("give either --order or --tasks, not both")
     order = spec.order or BENCHMARK_ORDERS[spec.benchmark][0]
@@ -223,7 +230,7 @@ def run(spec: RunSpec):
     if previous is None:
         model_name, dtype, model_path = spec.model or DEFAULT_MODEL, spec.dtype or DEFAULT_DTYPE, None
     else:
-        model_name = previous.info.get("model", str(previous.model_dir))
+        model_name = previous.info.get("model", portable_path(previous.model_dir))
         dtype, model_path = previous.info.get("dtype", DEFAULT_DTYPE), str(previous.model_dir)
         for flag, given, kept in (("--model", spec.model, model_name), ("--dtype", spec.dtype, dtype)):
             if given is not None and given != kept:
@@ -246,23 +253,28 @@ def run(spec: RunSpec):
             if changed:
                 print(f"ella: note: the new tasks train with other settings than the continued run's: "
                       f"{', '.join(changed)}", file=sys.stderr)
-    run_info = {"command": spec.command, "label": spec.label or name, "model": model_name,
+    run_info = {"command": spec.command, "label": spec.label or name,
+                "model": portable_path(model_name),  # a name or hub id as it is; a local directory portable
                 "dtype": dtype, "tasks_from": source, "benchmark": None if spec.sequence else spec.benchmark,
                 "order": order, "seed": spec.seed, "train_per_task": spec.train_per_task,
                 "test_per_task": spec.test_per_task, "validation_per_task": spec.validation_per_task}
     if previous is not None:
-        added = {"benchmark": run_info["benchmark"], "sequence": str(spec.sequence) if spec.sequence else None,
+        added = {"benchmark": run_info["benchmark"], "sequence": source if spec.sequence else None,
                  "tasks": [task.name for task in tasks], "seed": spec.seed, "train_per_task": spec.train_per_task,
                  "test_per_task": spec.test_per_task}
         run_info.update(label=spec.label or previous.info.get("label") or name, order=None,
                         tasks_from=f"{previous.info.get('tasks_from')}, continued with {source}",
-                        continued_from=str(spec.continue_run), task_sources=previous.task_sources() + [added])
+                        continued_from=portable_path(spec.continue_run), task_sources=previous.task_sources() + [added])
         tasks = learnt + tasks
     model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
                                  accelerator, resume=spec.resume, overwrite=spec.overwrite, previous=previous)
     rng = rng_state()  # the end of the run, where a continuation of it goes on
+    # where each part's sequence file lies here (results.json records it portably), for continuing this run
+    sequence_files = (previous.sequence_files() if previous else []) + \
+        [str(spec.sequence.resolve()) if spec.sequence else None]
     if accelerator.is_main_process:  # the others hold the same model and result
-        _report(spec, f"{name} on {model_name}", tasks, model, tokenizer, method, rng, result, output_dir)
+        _report(spec, f"{name} on {model_name}", tasks, model, tokenizer, method, rng, result, output_dir,
+                sequence_files)
     # Every process stays until the run is written, then leaves the process group: a process that exits while
     # still in it can abort in the collective backend's teardown.
     accelerator.wait_for_everyone()
@@ -271,11 +283,11 @@ def run(spec: RunSpec):
 
 
 def _report(spec: RunSpec, title: str, tasks, model, tokenizer, method, rng, result: SequenceResult,
-            output_dir: Path) -> None:
+            output_dir: Path, sequence_files: list[str | None]) -> None:
     """Plot, keep the model if asked (with what continuing needs), and print the matrix and metrics."""
     plot = plot_matrix(result, output_dir / "accuracy_matrix.png", title=title)
     if spec.save_model:
-        record = json.loads((output_dir / RESULTS).read_text())
+        record = {**json.loads((output_dir / RESULTS).read_text()), "sequence_files": sequence_files}
         save_run_model(model, tokenizer, output_dir / "model", record, method.state_dict(), rng)
     kind = "Accuracy" if all(t.metric == "exact_match" for t in tasks) else "Score"
     scoring = scoring_description(result.eval_mode, {t.name: t.metric for t in tasks})

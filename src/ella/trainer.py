@@ -15,7 +15,8 @@ A method's hooks go where ``ella run`` calls them (see ``ella.methods.base``):
   optimiser steps planned, batches on the model's device), from ella's encoded examples or from tokenized rows.
 - ``run_sequence_with_trainer``: the whole sequence: per task ``prepare``, a new Trainer on the prepared model
   (``prepare`` and ``finish`` replace the model object: peft wraps it, the merge unwraps it), ``train()``,
-  ``finish``; and optionally ella's evaluation of every task after every task, as ``run_sequence`` returns it.
+  ``finish``; and optionally ella's evaluation of every task after every task (or as its schedule says), as
+  ``run_sequence`` returns it.
 """
 
 from __future__ import annotations
@@ -338,8 +339,8 @@ def run_sequence_with_trainer(model, tokenizer, tasks: Sequence[Task | str], met
     ``{"input_ids", "labels"}`` rows, which your collator must take. ``warmup_ratio``: warm up each task over
     ``int(warmup_ratio × its steps)`` optimiser steps (``ella run``'s rounding) instead of ``args.warmup_steps``.
     ``evaluation``: evaluate every task (their ``test`` examples) before training and after each task, as
-    ``run_sequence`` does; without it the result has no matrix. ``trainer_kwargs`` go to every Trainer (e.g.
-    ``processing_class``, ``eval_dataset``)."""
+    ``run_sequence`` does (following ``evaluation.schedule``); without it the result has no matrix.
+    ``trainer_kwargs`` go to every Trainer (e.g. ``processing_class``, ``eval_dataset``)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -383,11 +384,9 @@ def run_sequence_with_trainer(model, tokenizer, tasks: Sequence[Task | str], met
         result.task_logs.append(log)
         if evaluation is not None:
             eval_start = time.perf_counter()
-            scores = engine.evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator,
-                                              f"after {t + 1} ({task.name})")
+            scores = engine.evaluate_after_task(model, tokenizer, tasks, encoders, evaluation, accelerator, t)
             result.eval_seconds.append(time.perf_counter() - eval_start)
-            result.matrix.append([score.accuracy for score in scores])
-            result.final_predictions = [score.predictions for score in scores]
+            result.add_row(scores)
     result.seconds = time.perf_counter() - started
     return model, result
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EllaError
+from ..provenance import portable_path
 
 ANSWER_SUFFIX = "\nAnswer:"
 
@@ -195,7 +196,7 @@ def load_task_sequence(path: str | Path, train_per_task: int | None = None, test
         train, validation = sample_training_split(examples["train"], train_per_task, validation_per_task, seed, name,
                                                   files["train"])
         tasks.append(Task(name, train, subsample(examples["test"], test_per_task, seed, f"{name}/test"),
-                          labels=labels, prefix=prompt_prefix(instruction, labels), source=str(path),
+                          labels=labels, prefix=prompt_prefix(instruction, labels), source=portable_path(path),
                           validation=validation))
     return tasks
 
