@@ -24,7 +24,7 @@ import torch
 
 import ella
 from ella.data import TaskEncoder, collate
-from ella.engine import TrainingConfig, make_accelerator, train_task
+from ella.engine import TrainingConfig, make_accelerator, resolve_mixed_precision, train_task
 from ella.evaluation import answer_token_nll, evaluate_task
 from ella.methods import ELLA, METHODS, TaskData, get_method
 from ella.methods.w_past import LowRank, PastUpdates
@@ -42,6 +42,7 @@ STEP_METHODS = {  # label -> (method, hyper-parameters)
     "ella, svd R=64": ("ella", {"w_past": "svd"}),
 }
 DEFAULT_ELLA = "ella (default: factors, W² cached)"
+PRECISION = "bf16 autocast" if resolve_mixed_precision("auto") == "bf16" else "fp32 (ella's choice: this CPU has neither AVX-512 BF16 nor AMX)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
     for step in range(2 * steps + 2):
         with_penalty = step % 2 == 0
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_mixed_precision("auto") == "bf16"):
             nll, mask = answer_token_nll(model, batch)
             loss = nll.sum() / mask.sum()
         (loss + method.penalty(model) if with_penalty else loss).backward()
@@ -260,7 +261,7 @@ def write_report(results: dict) -> None:
         lines.append("")
     steps = results["training_step"]
     lines += ["## Training step: time and memory", "",
-              f"SmolLM2-135M, one batch of 8 x 128 tokens, bf16 autocast, the second task of a sequence (so ELLA has a "
+              f"SmolLM2-135M, one batch of 8 x 128 tokens, {PRECISION}, the second task of a sequence (so ELLA has a "
               f"W_past). Each method runs in its own process; methods interleaved over {results['rounds']} rounds, "
               f"{results['steps']} timed steps each; the ratio is the median of each round's ratio to the plain LoRA "
               "step. The penalty's own cost is measured paired as well: within each process, steps alternate with "
@@ -271,7 +272,7 @@ def write_report(results: dict) -> None:
     lines += [f"| {label} | {v['step_seconds']:.3f} | {v['ratio_to_plain_lora']:.3f} | {v['penalty_ratio']:.3f} | "
               f"{megabytes(v['peak_rss_bytes'])} |" for label, v in steps.items()]
     lines += ["", "## Evaluation throughput (examples per second)", "",
-              "SmolLM2-135M, bf16 autocast, batch 16, the same test examples for both modes.", "",
+              f"SmolLM2-135M, {PRECISION}, batch 16, the same test examples for both modes.", "",
               "| task, mode | examples / s |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results["evaluation_throughput"].items()]
     errors = results["penalty_error"]["relative_error_after_task"]

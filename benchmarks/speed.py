@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -38,7 +37,8 @@ import ella
 from ella.data import IGNORE_INDEX, TaskEncoder
 from ella.engine import TrainingConfig, make_accelerator, resolve_mixed_precision, train_task, training_schedule
 from ella.evaluation import answer_token_nll, evaluate_task
-from ella.methods.lora import LoRAHyperparameters
+from ella.methods.lora import LoraHyperparameters
+from ella.provenance import describe_hardware, hardware
 
 RESULTS = Path(__file__).parent / "results"
 MAX_LENGTH, BATCH, TRAIN_EXAMPLES = 256, 8, 32  # 4 optimiser steps per task
@@ -50,28 +50,16 @@ EVAL_EXAMPLES = 48
 
 
 def machine() -> dict:
-    flags = set()
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model_name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = next((name for name, flag in (("AMX", "amx_tile"), ("AVX-512 BF16", "avx512_bf16"),
-                                        ("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags), "other")
-    return {"cpu": model_name, "instruction_set": isa, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "precision": resolve_mixed_precision("auto")}
+    return {**hardware(torch.device("cpu")), "torch": torch.__version__, "precision": resolve_mixed_precision("auto")}
 
 
-def matmul_throughput(dtype: torch.dtype, repeats: int) -> dict:
+MATMUL_SHAPES = {"512x576x576": (512, 576, 576), "512x576x192": (512, 576, 192), "512x576x1536": (512, 576, 1536),
+                 "512x1536x576": (512, 1536, 576), "2048x2048x2048": (2048, 2048, 2048)}
+
+
+def matmul_throughput(dtype: torch.dtype, repeats: int, shapes: dict) -> dict:
     """FLOP/s of ``x @ w`` for the step's shapes (512 tokens x SmolLM2's q/o, k/v, MLP matrices) and a square one:
     the median of ``repeats`` timings each; the machine's limit is the best of them."""
-    shapes = {"512x576x576": (512, 576, 576), "512x576x192": (512, 576, 192), "512x576x1536": (512, 576, 1536),
-              "512x1536x576": (512, 1536, 576), "2048x2048x2048": (2048, 2048, 2048)}
     out = {}
     for label, (m, k, n) in shapes.items():
         x, w = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
@@ -118,7 +106,7 @@ def plain_training(tasks_used: int) -> dict:
     from transformers import get_constant_schedule_with_warmup
 
     model, tokenizer, tasks, items = training_data(tasks_used)
-    lora = LoRAHyperparameters()
+    lora = LoraHyperparameters()
     config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH)
     precision = resolve_mixed_precision("auto")
     seconds, steps = 0.0, 0
@@ -222,17 +210,21 @@ PROBES = {"ella": ella_training, "plain": plain_training, "flops": necessary_tra
 def probe(name: str, tasks_used: int) -> dict:
     """One probe in a process of its own."""
     command = [sys.executable, __file__, "--probe", name, "--tasks", str(tasks_used)]
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"probe {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(rounds: int, tasks_used: int) -> dict:
     results = {"machine": machine(), "date": date.today().isoformat(), "rounds": rounds, "tasks": tasks_used}
     dtype = torch.bfloat16 if results["machine"]["precision"] == "bf16" else torch.float32
-    results["matmul_flops_per_second"] = {str(d).removeprefix("torch."): matmul_throughput(d, 10)
-                                          for d in (torch.float32, torch.bfloat16)}
-    results["limit_flops_per_second"] = max(results["matmul_flops_per_second"][str(dtype).removeprefix("torch.")]
-                                            .values())
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    step_shape = {"512x576x1536": MATMUL_SHAPES["512x576x1536"]}  # the other precision: one shape, for comparison
+    results["matmul_flops_per_second"] = {"used": matmul_throughput(dtype, 10, MATMUL_SHAPES),
+                                          "other": matmul_throughput(other, 3, step_shape)}
+    results["matmul_dtypes"] = {"used": str(dtype).removeprefix("torch."), "other": str(other).removeprefix("torch.")}
+    results["limit_flops_per_second"] = max(results["matmul_flops_per_second"]["used"].values())
     runs = {"ella": [], "plain": []}
     for r in range(rounds):
         for name in runs:
@@ -257,18 +249,18 @@ def write_report(results: dict) -> None:
     lines = [
         "# Speed of ella's engine", "",
         f"Measured by `python benchmarks/speed.py{' --quick' if results['rounds'] == 1 else ''}` on "
-        f"{m['cpu']} ({m['instruction_set']}), {m['threads']} threads, torch {m['torch']}, {results['date']}; "
+        f"{describe_hardware(m)}, torch {m['torch']}, {results['date']}; "
         f"precision: {'bf16 autocast' if m['precision'] == 'bf16' else 'fp32'} (ella's choice for this CPU). "
         "Every figure comes from that one run; speed.json has them all.", "",
         "## The machine's limit", "",
-        "Matrix products `x @ w` (median of 10), TFLOP/s:", "",
-        "| shape (m x k x n) | " + " | ".join(results["matmul_flops_per_second"]) + " |",
-        "|---|" + "---:|" * len(results["matmul_flops_per_second"]),
+        "Matrix products `x @ w` (median of 10; of 3 in the other precision, one shape), TFLOP/s:", "",
+        f"| shape (m x k x n) | {results['matmul_dtypes']['used']} (used) | {results['matmul_dtypes']['other']} |",
+        "|---|---:|---:|",
     ]
-    shapes = next(iter(results["matmul_flops_per_second"].values()))
-    for shape in shapes:
-        lines.append(f"| {shape} | " + " | ".join(f"{results['matmul_flops_per_second'][d][shape] / 1e12:.3f}"
-                                                  for d in results["matmul_flops_per_second"]) + " |")
+    used, other = results["matmul_flops_per_second"]["used"], results["matmul_flops_per_second"]["other"]
+    for shape, value in used.items():
+        lines.append(f"| {shape} | {value / 1e12:.3f} | "
+                     f"{f'{other[shape] / 1e12:.3f}' if shape in other else ''} |")
     lines += ["", f"The limit used below: {limit / 1e12:.3f} TFLOP/s, the best of the column of ella's precision.", "",
               "## Training step", "",
               f"SmolLM2-135M, the first {BATCH * 4 // BATCH} optimiser steps of each of {results['tasks']} task(s) "

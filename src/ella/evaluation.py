@@ -98,7 +98,7 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     prompts = encoder.generation(task.test)
     # a prompt keeps one token after the prefix at least: the one that predicts the answer
     shared = encoder.shared_prefix()[:min(len(prompt.input_ids) for prompt in prompts) - 1]
-    prefix = None if seq2seq else SharedPrefix(model, shared, accelerator.device)
+    prefix = SharedPrefix(model, shared, accelerator.device) if shared and not seq2seq else None
     if mode == "rank":
         predict = _rank_predictor(model, task, encoder, prefix)
     else:
@@ -139,8 +139,7 @@ class SharedPrefix:
                  "attention_mask": torch.cat([torch.ones_like(self.ids).expand(rows, -1), rests["attention_mask"]], 1)}
         if self.cache is None:  # at the first batch, after the predictor's checks of the model
             self.cache = DynamicCache()
-            if self.ids.shape[1]:
-                self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, self.cache))
+            self.model(input_ids=self.ids, use_cache=True, logits_to_keep=1, **with_cache(self.model, self.cache))
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(rows)
         return whole, cache

@@ -101,7 +101,7 @@ class RunSpec:
     # evaluation
     eval_mode: str = option("generate", "; ".join(f"{k}: {v}" for k, v in EVAL_MODES.items()), "evaluation",
                             list(EVAL_MODES))
-    eval_batch_size: int = option(16, "evaluation batch size", "evaluation")
+    eval_batch_size: int = option(8, "evaluation batch size (prompts per forward pass)", "evaluation")
     max_new_tokens: int | None = option(None, "generation length (default: the task's longest answer + 4 tokens)",
                                         "evaluation")
     no_zero_shot: bool = option(False, "skip evaluating the base model before training (FWT is then not reported)",
