@@ -99,7 +99,7 @@ class TrainingConfig:
 @dataclass
 class EvaluationConfig:
     mode: str = "generate"  # see evaluation.EVAL_MODES
-    batch_size: int = 8  # on 2 AVX2 cores 8 evaluated faster than 16, 32 or 64 (benchmarks/results/speed.md)
+    batch_size: int = 8  # faster than 16 on 2 AVX2 cores for 150-token prompts, slower for 90 (results/speed.md)
     max_new_tokens: int | None = None  # None: the task's longest answer + 4
     zero_shot: bool = True  # evaluate before training: the reference of FWT
     schedule: str = "full"  # see EVAL_SCHEDULES; the zero-shot row is always full (FWT needs every task's)
