@@ -57,10 +57,10 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
         targets = labels
     else:
-        answer_columns = (labels != IGNORE_INDEX).any(0).nonzero()
-        k = labels.shape[1] - int(answer_columns[0]) if len(answer_columns) else 1
-        mask = batch["attention_mask"]
         width = labels.shape[1]
+        answer_columns = (labels != IGNORE_INDEX).any(0).nonzero()
+        k = width - int(answer_columns[0]) if len(answer_columns) else 1
+        mask = batch["attention_mask"]
         predicting = torch.arange(width - k - 1, width - 1, device=labels.device)
         keeps_logits = "logits_to_keep" in inspect.signature(hf_model(model).forward).parameters
         kept = {"logits_to_keep": predicting} if keeps_logits else {}
