@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,10 +22,11 @@ import torch
 
 import ella
 from ella.data import TaskEncoder, collate
-from ella.engine import TrainingConfig, make_accelerator, resolve_mixed_precision, train_task
+from ella.engine import TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision, train_task
 from ella.evaluation import answer_token_nll, evaluate_task
-from ella.methods import ELLA, METHODS, TaskData, get_method
+from ella.methods import METHODS, TaskData, get_method
 from ella.methods.w_past import LowRank, PastUpdates
+from ella.provenance import describe_hardware, hardware
 
 RESULTS = Path(__file__).parent / "results"
 TASK_COUNTS = (1, 4, 15, 100)
@@ -142,7 +141,7 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
             times[with_penalty].append(time.perf_counter() - start)
     return {"step_seconds": statistics.median(times[True]),
             "penalty_ratio": statistics.median(a / b for a, b in zip(times[True], times[False])),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss_bytes": peak_memory()["bytes"]}
 
 
 def step_table(rounds: int, steps: int) -> dict:
@@ -193,17 +192,19 @@ def evaluation_throughput(examples: int) -> dict:
 # 4. Penalty error of the compressed representations, on real LoRA updates
 
 
-class RecordingELLA(ELLA):
-    """ELLA that also keeps every task's merged update, to rebuild W_past in each representation afterwards."""
+def record_merged_updates(method) -> list[dict[str, LowRank]]:
+    """The list that receives every task's merged update as ELLA's part adds it to W_past (its ``accumulate``,
+    wrapped on this instance), to rebuild W_past in each representation afterwards."""
+    part, history = method.parts["ella"], []
+    add_to_w_past = part.accumulate
 
-    def __init__(self, **hyperparameters):
-        super().__init__(**hyperparameters)
-        self.history: list[dict[str, LowRank]] = []
+    def accumulate(model):
+        history.append({name: LowRank(u.left.detach().clone(), u.right.detach().clone())
+                        for name, u in part.update.merged_updates(model).items()})
+        add_to_w_past(model)
 
-    def accumulate(self, model):
-        self.history.append({name: LowRank(u.left.detach().clone(), u.right.detach().clone())
-                             for name, u in self.task_updates(model, merged=True).items()})
-        super().accumulate(model)
+    part.accumulate = accumulate
+    return history
 
 
 def penalty_errors(order: str, examples: int) -> dict:
@@ -214,7 +215,8 @@ def penalty_errors(order: str, examples: int) -> dict:
     training = TrainingConfig(batch_size=8, max_length=256, warmup_ratio=0.0)
     accelerator = make_accelerator(training)
     model = model.to(accelerator.device)
-    method = RecordingELLA(w_past="dense")
+    method = get_method("ella", w_past="dense")
+    history = record_merged_updates(method)
     method.setup(model, tasks)
     for t, task in enumerate(tasks):
         items = TaskEncoder(tokenizer, task, 256, False).training(task.train)
@@ -226,12 +228,12 @@ def penalty_errors(order: str, examples: int) -> dict:
                                 rank=int(name.split("=")[1]) if "=" in name else 64) for name in errors}
     reference = PastUpdates("dense")
     with torch.no_grad():
-        for t, updates in enumerate(method.history[:-1]):
+        for t, updates in enumerate(history[:-1]):
             for name, update in updates.items():
                 reference.add(name, update)
                 for store in stores.values():
                     store.add(name, update)
-            probe = method.history[t + 1]
+            probe = history[t + 1]
             exact = reference.penalty(probe).item()
             for label, store in stores.items():
                 errors[label].append(abs(store.penalty(probe).item() - exact) / exact)
@@ -325,7 +327,7 @@ def main() -> None:
         return
     rounds, steps, examples, error_examples = (1, 3, 16, 16) if args.quick else (3, 6, 48, 32)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads", "date": time.strftime("%Y-%m-%d"),
+    results = {"machine": describe_hardware(hardware(torch.device("cpu"))), "date": time.strftime("%Y-%m-%d"),
                "rounds": rounds, "steps": steps, "penalty_error_order": "4", "penalty_error_examples": error_examples}
     models = ("SmolLM2-135M", "T5-large", "LLaMA-3.1-8B")
     shapes = {name: adapted_shapes(name) for name in models}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ella
 from ella.data import IGNORE_INDEX, TaskEncoder
-from ella.engine import EvaluationConfig, TrainingConfig, make_accelerator, resolve_mixed_precision, train_task, training_schedule
+from ella.engine import (EvaluationConfig, TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision,
+                         train_task, training_schedule)
 from ella.evaluation import answer_token_nll, evaluate_task
 from ella.methods.lora import LoraHyperparameters
 from ella.provenance import describe_hardware, hardware
@@ -97,7 +97,7 @@ def ella_training(tasks_used: int) -> dict:
         model, log = train_task(model, method, t, task, items[t], tokenizer, accelerator, config, len(tasks))
         seconds += log["train_seconds"]
         steps += log["optimizer_steps"]
-    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_rss()}
+    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_memory()["bytes"]}
 
 
 def plain_training(tasks_used: int) -> dict:
@@ -131,7 +131,7 @@ def plain_training(tasks_used: int) -> dict:
         seconds += time.perf_counter() - start
         steps += len(schedule)
         model = model.merge_and_unload()
-    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_rss()}
+    return {"step_seconds": seconds / steps, "steps": steps, "peak_rss_bytes": peak_memory()["bytes"]}
 
 
 def right_padded(rows, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -205,10 +205,6 @@ def evaluation(variant: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 PROBES = {"ella": ella_training, "plain": plain_training, "flops": necessary_training_flops,
