@@ -106,9 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="a Markdown and a self-contained HTML report over finished runs",
         description="Collect every finished run (results.json) under the given directories into report.md "
                     "(figures beside it) and report.html (figures embedded): OA/BWT/FWT per method and order, "
-                    "costs, heat-maps, each task's accuracy across the sequence, ELLA's diagnostics.")
+                    "paired differences against a reference method with 95%% confidence intervals, costs, "
+                    "heat-maps, each task's accuracy across the sequence, ELLA's diagnostics.")
     report.add_argument("runs", nargs="+", type=Path, help="run directories or directories holding runs")
     report.add_argument("--output-dir", type=Path, default=None, help="where to write (default: the first RUNS)")
+    report.add_argument("--reference", default="ella",
+                        help="the method (run label) every other one is compared with, paired by order and seed "
+                             "(default: ella)")
     report.set_defaults(handler=command_report)
     return parser
 
@@ -134,7 +138,7 @@ def command_bench(args: argparse.Namespace) -> int:
 
 
 def command_report(args: argparse.Namespace) -> int:
-    print(f"report: {write_report(args.runs, args.output_dir or args.runs[0])}")
+    print(f"report: {write_report(args.runs, args.output_dir or args.runs[0], args.reference)}")
     return 0
 
 

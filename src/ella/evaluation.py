@@ -75,6 +75,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 class TaskScore:
     accuracy: float  # percent, by the task's metric (exact match unless the task says otherwise)
     predictions: list[str]
+    example_scores: list[float]  # each test example's score (0-100): what a bootstrap over examples resamples
 
 
 def batches(items: list, batch_size: int):
@@ -117,7 +118,8 @@ def evaluate_task(model, tokenizer, task: Task, encoder: TaskEncoder, mode: str,
     for i, prediction in gather_object(predicted):
         predictions[i] = prediction
     score = ANSWER_METRICS[task.metric]
-    return TaskScore(sum(score(p, e) for p, e in zip(predictions, task.test)) / len(task.test), predictions)
+    example_scores = [score(p, e) for p, e in zip(predictions, task.test)]
+    return TaskScore(sum(example_scores) / len(task.test), predictions, [round(s, 4) for s in example_scores])
 
 
 class SharedPrefix:

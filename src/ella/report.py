@@ -12,10 +12,15 @@ from pathlib import Path
 from statistics import mean, stdev
 
 from .checkpoint import RESULTS
+from .comparison import paired_difference, verdict
 from .engine import SequenceResult
 from .errors import EllaError
 from .provenance import describe_hardware
 
+COMPARISON_NOTE = ("Each difference is a method's run minus the reference's at the same order and seed (the same "
+                   "examples). 'runs': Student's t over those paired differences (seeds and orders vary); 'test "
+                   "examples': a paired bootstrap over each task's test examples (2000 resamples; the trained models "
+                   "fixed). Significant: the interval over runs excludes 0 (over test examples with one pair).")
 SELECTION = "selection.json"  # in a suite's output directory: which setting of each grid validation chose (bench.py)
 
 
@@ -192,6 +197,29 @@ def diagnostics_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | N
     return (header, rows) if rows else None
 
 
+def comparison_table(runs: list[dict], reference: str) -> tuple[tuple[list[str], list[list[str]]], list[str]] | None:
+    """Every other method − ``reference`` in OA and BWT, paired by order and seed (see ``ella.comparison``): the
+    table and one sentence per difference. None when no method has a run paired with the reference's."""
+    def interval(bounds):
+        return "–" if bounds is None else f"[{bounds[0]:+.1f}, {bounds[1]:+.1f}]"
+
+    header = ["method", "pairs"] + [f"{m}{part}" for m in ("ΔOA", "ΔBWT")
+                                    for part in ("", " 95% CI, runs", " 95% CI, test examples", " significant")]
+    rows, sentences = [], []
+    for label in _by(runs, lambda r: r["label"]):
+        result = None if label == reference else paired_difference(runs, label, reference)
+        if result is None:
+            continue
+        row = [label, str(result["pairs"])]
+        for metric in ("OA", "BWT"):
+            d = result[metric]
+            row += [f"{d['difference']:+.1f}", interval(d["over_runs"]), interval(d["over_examples"]),
+                    {True: "yes", False: "no", None: "–"}[d["significant"]]]
+            sentences.append(verdict(label, reference, metric, result))
+        rows.append(row)
+    return ((header, rows), sentences) if rows else None
+
+
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -315,8 +343,9 @@ def describe(runs: list[dict]) -> str:
             f"{len(runs)} runs; hardware: {machines}.")
 
 
-def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
-    """report.md (with its PNG figures beside it) and report.html (figures embedded) in ``output_dir``."""
+def write_report(paths: list[str | Path], output_dir: str | Path, reference: str = "ella") -> Path:
+    """report.md (with its PNG figures beside it) and report.html (figures embedded) in ``output_dir``; every
+    method is compared with ``reference``'s runs (paired differences, ``ella.comparison``) where it has some."""
     selections = read_selections(paths)
     runs = selected_runs(collect_runs(paths), selections)
     output_dir = Path(output_dir)
@@ -324,6 +353,9 @@ def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
     results = results_table(runs)
     tables = [("Hyper-parameters selected by validation", selection_table(selection)) for selection in selections]
     tables += [("Results (the papers' form; ± is the spread over seeds)", results), ("Cost per run", cost_table(runs))]
+    comparison = comparison_table(runs, reference)
+    if comparison:
+        tables.append((f"Paired differences against {reference}", comparison[0]))
     diagnostics = diagnostics_table(runs)
     if diagnostics:
         tables.append(("ELLA's mechanism per task", diagnostics))
@@ -339,6 +371,10 @@ def write_report(paths: list[str | Path], output_dir: str | Path) -> Path:
     for title, (header, rows) in tables:
         markdown += [f"## {title}", "", _markdown(header, rows), ""]
         page += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
+        if comparison and title.startswith("Paired differences"):
+            notes = [COMPARISON_NOTE] + comparison[1]
+            markdown += [line for text in notes for line in (f"- {text}", "")]
+            page += [f"<p>{html.escape(text)}</p>" for text in notes]
     markdown += ["## Figures", ""]
     page.append("<h2>Figures</h2>")
     for name, data in images.items():

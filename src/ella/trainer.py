@@ -10,7 +10,8 @@ A method's hooks go where ``ella run`` calls them (see ``ella.methods.base``):
   loss nor the gradients between the backward pass and the clipping (``on_pre_optimizer_step`` comes after the
   clipping), so the trainer class adds ``method.penalty(model)`` to the loss of the last micro-batch of every
   optimiser step (in fp32, outside autocast, counted once per step whatever the gradient accumulation), and calls
-  ``after_backward`` after that micro-batch's backward pass, before the clipping.
+  ``after_backward`` after that micro-batch's backward pass, before the clipping. Its training steps draw
+  dropout masks as ``ella run`` does (``engine.dropout_mask``, 4x faster than torch's on a CPU).
 - ``task_data``: the ``TaskData`` that ``prepare`` and ``finish`` read (the task's tokenized examples, the
   optimiser steps planned, batches on the model's device), from ella's encoded examples or from tokenized rows.
 - ``run_sequence_with_trainer``: the whole sequence: per task ``prepare``, a new Trainer on the prepared model
@@ -200,7 +201,8 @@ class ContinualTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        step_loss = super().training_step(model, inputs, num_items_in_batch)
+        with engine.training_dropout(engine.ProcessShare()):  # ella's dropout masks, as in ``ella run``
+            step_loss = super().training_step(model, inputs, num_items_in_batch)
         self._ella_step_loss = self._ella_step_loss + step_loss.detach()  # on the device: no sync per micro-batch
         if self.accelerator.sync_gradients and model.training:  # the step's last micro-batch: before clipping
             self.ella_method.after_backward(self.accelerator.unwrap_model(model))
