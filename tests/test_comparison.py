@@ -80,3 +80,12 @@ def test_bootstrap_interval_covers_the_observed_difference_and_is_reproducible()
     assert low < 15.0 < high and low < high  # observed OA difference (60 + 100)/2 - (30 + 100)/2 = 15
     assert interval == bootstrap_interval([(a, b)])
     assert bootstrap_interval([(run("a", 1, 42, [[1.0]]), b)]) is None  # no per-example scores recorded
+
+
+def test_an_equal_result_is_said_so():
+    runs = [run("ella", o, 42, [[50.0]]) for o in (1, 2)] + [run("inclora", o, 42, [[50.0]]) for o in (1, 2)]
+    result = paired_difference(runs, "inclora", "ella")
+    assert verdict("inclora", "ella", "OA", result) == (
+        "inclora's OA equals ella's (95 % CI over runs [+0.0, +0.0], 2 pair(s)): not significant.")
+    assert result["BWT"] is None  # one task: no BWT
+    assert verdict("inclora", "ella", "BWT", result) == "inclora − ella, BWT: undefined for these runs."

@@ -87,14 +87,19 @@ def bootstrap_interval(pairs: list[tuple[dict, dict]]) -> dict[str, tuple[float,
 
 
 def paired_difference(runs: list[dict], label: str, reference: str) -> dict | None:
-    """``label`` − ``reference`` in OA and BWT: the mean over paired runs and both intervals (None: no pair)."""
+    """``label`` − ``reference`` in OA and BWT: the mean over paired runs and both intervals (None: no pair; a
+    metric is None where it is undefined, the BWT of a single task)."""
     pairs = pair_runs(runs, label, reference)
     if not pairs:
         return None
     bootstrap = bootstrap_interval(pairs)
     out = {"pairs": len(pairs)}
     for name, summary in (("OA", metrics.average_accuracy), ("BWT", metrics.backward_transfer)):
-        differences = [summary(a["accuracy_matrix"]) - summary(b["accuracy_matrix"]) for a, b in pairs]
+        values = [(summary(a["accuracy_matrix"]), summary(b["accuracy_matrix"])) for a, b in pairs]
+        if any(None in pair for pair in values):  # BWT of a single task
+            out[name] = None
+            continue
+        differences = [x - y for x, y in values]
         over_runs = t_interval(differences)
         over_examples = bootstrap[name] if bootstrap else None
         deciding = over_runs or over_examples
@@ -106,12 +111,16 @@ def paired_difference(runs: list[dict], label: str, reference: str) -> dict | No
 def verdict(label: str, reference: str, metric: str, result: dict) -> str:
     """One plain sentence about ``result[metric]``."""
     d = result[metric]
+    if d is None:
+        return f"{label} − {reference}, {metric}: undefined for these runs."
     where = "over runs" if d["over_runs"] else "over test examples"
     interval = d["over_runs"] or d["over_examples"]
     if interval is None:
         return f"{label} − {reference}, {metric}: {d['difference']:+.1f} from one pair, no interval."
     low, high = interval
     claim = "significant" if d["significant"] else "not significant"
-    direction = "higher" if d["difference"] > 0 else "lower"
-    return (f"{label}'s {metric} is {abs(d['difference']):.1f} points {direction} than {reference}'s "
-            f"(95 % CI {where} [{low:+.1f}, {high:+.1f}], {result['pairs']} pair(s)): {claim}.")
+    if d["difference"] == 0:
+        size = f"equals {reference}'s"
+    else:
+        size = f"is {abs(d['difference']):.1f} points {'higher' if d['difference'] > 0 else 'lower'} than {reference}'s"
+    return f"{label}'s {metric} {size} (95 % CI {where} [{low:+.1f}, {high:+.1f}], {result['pairs']} pair(s)): {claim}."

@@ -620,5 +620,6 @@ def peak_memory() -> dict:
 
 
 def versions() -> dict:
-    return {"python": platform.python_version(),
-            **{package: version(package) for package in ("ella", "torch", "transformers", "peft", "accelerate")}}
+    from . import __version__  # the source's own: an editable install's metadata keeps the version it was installed at
+    return {"python": platform.python_version(), "ella": __version__,
+            **{package: version(package) for package in ("torch", "transformers", "peft", "accelerate")}}

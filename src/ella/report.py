@@ -213,6 +213,9 @@ def comparison_table(runs: list[dict], reference: str) -> tuple[tuple[list[str],
         row = [label, str(result["pairs"])]
         for metric in ("OA", "BWT"):
             d = result[metric]
+            if d is None:
+                row += ["–"] * 4
+                continue
             row += [f"{d['difference']:+.1f}", interval(d["over_runs"]), interval(d["over_examples"]),
                     {True: "yes", False: "no", None: "–"}[d["significant"]]]
             sentences.append(verdict(label, reference, metric, result))
