@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from ella import EllaError
 from ella.comparison import bootstrap_interval, pair_runs, paired_difference, t_975, t_interval, verdict
 
 
@@ -89,3 +90,11 @@ def test_an_equal_result_is_said_so():
         "inclora's OA equals ella's (95 % CI over runs [+0.0, +0.0], 2 pair(s)): not significant.")
     assert result["BWT"] is None  # one task: no BWT
     assert verdict("inclora", "ella", "BWT", result) == "inclora − ella, BWT: undefined for these runs."
+
+
+def test_runs_of_different_sizes_are_refused_with_a_message():
+    a = run("a", 1, 42, [[50.0]], [[[100.0, 0.0]]])
+    b = run("b", 1, 42, [[50.0]], [[[100.0, 0.0, 50.0, 50.0]]])
+    a["directory"], b["directory"] = "runs/a", "runs/b"
+    with pytest.raises(EllaError, match="a and b at order 1, seed 42 were tested on different .*\(runs/a, runs/b\)"):
+        bootstrap_interval([(a, b)])

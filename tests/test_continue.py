@@ -214,6 +214,7 @@ def test_an_unfinished_run_or_one_without_a_model_is_refused(runs, tmp_path):
     (dict(sequence=None), "name the tasks to learn"),
     (dict(sequence="first"), "learnt colour, parity already"),
     (dict(output_dir="first"), "holds the continued run"),
+    (dict(validation_per_task=2), "continuing a run takes no validation samples"),
 ])
 def test_conflicting_or_missing_settings_are_refused(runs, tmp_path, options, message):
     dirs, files = runs["ella"]["dirs"], runs["files"]

@@ -22,6 +22,7 @@ from statistics import mean, stdev
 import numpy as np
 
 from . import metrics
+from .errors import EllaError
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the resamples are the same at every call: a report reproduces exactly
@@ -70,12 +71,15 @@ def bootstrap_interval(pairs: list[tuple[dict, dict]]) -> dict[str, tuple[float,
         return None
     generator = np.random.default_rng(BOOTSTRAP_SEED)
     oa, bwt = np.zeros(BOOTSTRAP_RESAMPLES), np.zeros(BOOTSTRAP_RESAMPLES)
-    for (final_a, diagonal_a), (final_b, diagonal_b) in scores:
+    for ((final_a, diagonal_a), (final_b, diagonal_b)), (run_a, run_b) in zip(scores, pairs):
         n = len(final_a)
+        if len(final_b) != n or any(len(final_a[j]) != len(final_b[j]) for j in range(n)):
+            raise EllaError(f"{run_a['label']} and {run_b['label']} at order {run_a['run'].get('order')}, seed "
+                            f"{run_a['run'].get('seed')} were tested on different tasks or numbers of test examples "
+                            f"({run_a['directory']}, {run_b['directory']}): they cannot be paired; report runs of "
+                            "one protocol together")
         task_final, task_diagonal = np.zeros((BOOTSTRAP_RESAMPLES, n)), np.zeros((BOOTSTRAP_RESAMPLES, n))
         for j in range(n):
-            if not (len(final_a[j]) == len(final_b[j]) == len(diagonal_a[j]) == len(diagonal_b[j])):
-                raise ValueError("paired runs with different test examples: they cannot be bootstrapped together")
             draws = generator.integers(0, len(final_a[j]), (BOOTSTRAP_RESAMPLES, len(final_a[j])))
             task_final[:, j] = (final_a[j][draws] - final_b[j][draws]).mean(1)
             task_diagonal[:, j] = (diagonal_a[j][draws] - diagonal_b[j][draws]).mean(1)
