@@ -356,9 +356,12 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     results = results_table(runs)
     tables = [("Hyper-parameters selected by validation", selection_table(selection)) for selection in selections]
     tables += [("Results (the papers' form; ± is the spread over seeds)", results), ("Cost per run", cost_table(runs))]
+    notes = {}  # title -> paragraphs under its table
     comparison = comparison_table(runs, reference)
     if comparison:
-        tables.append((f"Paired differences against {reference}", comparison[0]))
+        title = f"Paired differences against {reference}"
+        tables.append((title, comparison[0]))
+        notes[title] = [COMPARISON_NOTE] + comparison[1]
     diagnostics = diagnostics_table(runs)
     if diagnostics:
         tables.append(("ELLA's mechanism per task", diagnostics))
@@ -374,10 +377,8 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     for title, (header, rows) in tables:
         markdown += [f"## {title}", "", _markdown(header, rows), ""]
         page += [f"<h2>{html.escape(title)}</h2>", _html_table(header, rows)]
-        if comparison and title.startswith("Paired differences"):
-            notes = [COMPARISON_NOTE] + comparison[1]
-            markdown += [line for text in notes for line in (f"- {text}", "")]
-            page += [f"<p>{html.escape(text)}</p>" for text in notes]
+        markdown += [line for text in notes.get(title, []) for line in (f"- {text}", "")]
+        page += [f"<p>{html.escape(text)}</p>" for text in notes.get(title, [])]
     markdown += ["## Figures", ""]
     page.append("<h2>Figures</h2>")
     for name, data in images.items():
