@@ -181,7 +181,8 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
             assert [[sum(cell) / 2 for cell in row] for row in record["example_scores"]] == record["accuracy_matrix"]
     text = report.read_text()
     assert "| inclora |" in text and "| ella |" in text and "OA (order 1)" in text and "OA avg" in text
-    paired = next(line for line in text.splitlines() if line.startswith("| inclora | 2 |"))  # orders 1, 2 paired
+    paired_section = text.split("## Paired differences against ella")[1].split("\n## ")[0]
+    paired = next(line for line in paired_section.splitlines() if line.startswith("| inclora | 2 |"))  # orders 1, 2
     assert "[" in paired.split("|")[5]  # an interval over test examples (the bootstrap) as well as over runs
     assert "inclora's OA " in text and "(95 % CI over runs [" in text
     assert "Cost per run" in text and "ELLA's mechanism per task" in text
