@@ -1,6 +1,7 @@
 """`ella bench` (suite files, skipping and resuming runs) and `ella report` (Markdown and HTML)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,14 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     assert spec.train_per_task == 2 and spec.eval_mode == "rank" and spec.mixed_precision == "no"
     assert RunSpec.from_dict(json.loads(spec.to_json())) == spec  # survives the trip to the child process
     assert runs[0].output_dir == tmp_path / "suite" / "inclora" / "order1-seed42"
+
+
+@pytest.mark.parametrize("suite_file", sorted(p.name for p in (Path(__file__).parents[1] / "benchmarks").glob("*.toml")))
+def test_every_committed_suite_loads(suite_file):
+    """The suite files under benchmarks/ name known methods and settings, so `ella bench FILE` starts."""
+    suite, runs = load_suite(Path(__file__).parents[1] / "benchmarks" / suite_file)
+    assert runs and all(run.output_dir.is_relative_to(Path(__file__).parents[1] / "benchmarks" / "results")
+                        for run in runs)
 
 
 def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
