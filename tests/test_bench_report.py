@@ -53,12 +53,14 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     assert runs[0].output_dir == tmp_path / "suite" / "inclora" / "order1-seed42"
 
 
-@pytest.mark.parametrize("suite_file", sorted(p.name for p in (Path(__file__).parents[1] / "benchmarks").glob("*.toml")))
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("suite_file", sorted(p.name for p in BENCHMARKS.glob("*.toml")))
 def test_every_committed_suite_loads(suite_file):
     """The suite files under benchmarks/ name known methods and settings, so `ella bench FILE` starts."""
-    suite, runs = load_suite(Path(__file__).parents[1] / "benchmarks" / suite_file)
-    assert runs and all(run.output_dir.is_relative_to(Path(__file__).parents[1] / "benchmarks" / "results")
-                        for run in runs)
+    suite, runs = load_suite(BENCHMARKS / suite_file)
+    assert runs and all(run.output_dir.is_relative_to(BENCHMARKS / "results") for run in runs)
 
 
 def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):

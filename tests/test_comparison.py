@@ -98,3 +98,13 @@ def test_runs_of_different_sizes_are_refused_with_a_message():
     a["directory"], b["directory"] = "runs/a", "runs/b"
     with pytest.raises(EllaError, match="a and b at order 1, seed 42 were tested on different .*\(runs/a, runs/b\)"):
         bootstrap_interval([(a, b)])
+
+
+def test_a_diagonal_cell_of_another_size_is_refused_too():
+    # the same final row in both runs, but b's first task was tested on 4 examples after its own task
+    a = run("a", 1, 42, [[50.0, None], [50.0, 50.0]], [[[100.0, 0.0], None], [[100.0, 0.0], [100.0, 0.0]]])
+    b = run("b", 1, 42, [[50.0, None], [50.0, 50.0]],
+            [[[100.0, 0.0, 50.0, 50.0], None], [[100.0, 0.0], [100.0, 0.0]]])
+    a["directory"], b["directory"] = "runs/a", "runs/b"
+    with pytest.raises(EllaError, match="cannot be paired"):
+        bootstrap_interval([(a, b)])

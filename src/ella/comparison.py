@@ -73,7 +73,9 @@ def bootstrap_interval(pairs: list[tuple[dict, dict]]) -> dict[str, tuple[float,
     oa, bwt = np.zeros(BOOTSTRAP_RESAMPLES), np.zeros(BOOTSTRAP_RESAMPLES)
     for ((final_a, diagonal_a), (final_b, diagonal_b)), (run_a, run_b) in zip(scores, pairs):
         n = len(final_a)
-        if len(final_b) != n or any(len(final_a[j]) != len(final_b[j]) for j in range(n)):
+        # every resample draws the same example indices from a task's four score lists: they must be as long
+        if len(final_b) != n or any(len({len(final_a[j]), len(final_b[j]), len(diagonal_a[j]), len(diagonal_b[j])}) > 1
+                                    for j in range(n)):
             raise EllaError(f"{run_a['label']} and {run_b['label']} at order {run_a['run'].get('order')}, seed "
                             f"{run_a['run'].get('seed')} were tested on different tasks or numbers of test examples "
                             f"({run_a['directory']}, {run_b['directory']}): they cannot be paired; report runs of "
