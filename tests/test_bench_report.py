@@ -120,6 +120,18 @@ def test_a_selection_suite_runs_every_setting_of_each_grid(tmp_path, data_dir):
     assert all(r.spec.validation_per_task == 2 for r in runs)
 
 
+def test_selected_settings_run_on_more_seeds_after_the_selection(tmp_path, data_dir):
+    text = SELECT_SUITE + "\n[selected]\nseeds = [42, 43]\n"
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
+    assert [(r.label, r.seed, r.after_selection) for r in runs] == [
+        ("inclora-lr0.001", 42, False), ("inclora-lr0.1", 42, False), ("ella-lam1.0", 42, False),
+        ("ella-lam100.0", 42, False),  # the selection; then each setting's candidate run on the seed it lacks
+        ("inclora-lr0.001", 43, True), ("inclora-lr0.1", 43, True), ("ella-lam1.0", 43, True),
+        ("ella-lam100.0", 43, True)]
+    assert runs[6].spec.hyperparameters == {"lam": 1.0} and runs[5].spec.lr == 0.1
+    assert runs[6].output_dir == tmp_path / "suite" / "ella-lam1.0" / "tasks-seed43"
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda t: t.replace("validation_per_task = 2\n", ""), "the runs have no validation sample: set "
                                                               "validation_per_task = N in \\[run\\]"),
@@ -131,6 +143,10 @@ def test_a_selection_suite_runs_every_setting_of_each_grid(tmp_path, data_dir):
      "\\[select.ella\\] lamb: not a hyper-parameter of ella \\(it has: lam, .*lr\\)"),
     (lambda t: t.replace("lam = [1.0, 100.0]", "lam = []"), "lam = \\[\\]: give a non-empty list"),
     (lambda t: t + "\n[[sweep]]\nmethod = 'ella'\nlam = [1.0, 2.0]\n", "drop \\[\\[sweep\\]\\]"),
+    (lambda t: t.split("[select]")[0] + "[selected]\nseeds = [43]\n", "add a \\[select\\] table or drop"),
+    (lambda t: t + "\n[selected]\nseed = [43]\n", "\\[selected\\] takes orders = \\[...\\] and/or seeds"),
+    (lambda t: t + "\n[selected]\nseeds = 43\n", "seeds = 43: give a non-empty list of whole numbers"),
+    (lambda t: t + "\n[selected]\norders = [2]\n", "drop orders from \\[selected\\]"),
 ])
 def test_bad_selection_suites_are_refused_before_anything_runs(tmp_path, data_dir, edit, message):
     with pytest.raises(EllaError, match=message):
@@ -159,7 +175,7 @@ def test_selection_takes_the_highest_mean_validation_oa_and_the_first_of_equals(
 
 @pytest.mark.slow  # each run is a process of its own
 def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(tmp_path, data_dir):
-    report = run_suite(write_suite(tmp_path, data_dir, SELECT_SUITE))
+    report = run_suite(write_suite(tmp_path, data_dir, SELECT_SUITE + "\n[selected]\nseeds = [42, 43]\n"))
     root = tmp_path / "suite"
     selection = json.loads((root / "selection.json").read_text())
     for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]), ("ella", ["ella-lam1.0", "ella-lam100.0"])):
@@ -172,14 +188,20 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
         text = report.read_text()
         results = text.split("## Results")[1].split("## Cost")[0]
         assert f"| {chosen} |" in results and f"| {other} |" not in results and other not in text.split("## Cost")[1]
+        # then the chosen setting alone on seed 43 as well, and the report has both of its runs
+        assert (root / chosen / "tasks-seed43" / "results.json").is_file() and not (root / other / "tasks-seed43").exists()
     assert "Hyper-parameters selected by validation OA, never by test" in text
     assert "2 settings per method; inclora: lr ∈ {0.001, 0.1}; ella: lam ∈ {1.0, 100.0}" in text
     assert "on 2 validation examples per task" in text and "the named tasks and seed(s) 42 (4 runs in all)" in text
+    assert "The selected settings then ran on the named tasks and seed(s) 42, 43." in text
+    paired = text.split(f"## Paired differences against {selection['methods']['ella']['selected']}")[1]
+    assert f"\n| {selection['methods']['inclora']['selected']} | 2 |" in paired  # selected settings, 2 seeds
+    assert selection["selected_settings_on"] == {"orders": [None], "seeds": [42, 43]}
     assert "a tie goes to the setting listed first" in text and "2 training, 2 validation and 2 test examples" in text
 
 
 @pytest.mark.slow  # each run is a process of its own
-def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
+def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_path, data_dir, capfd):
     path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0])
     report = run_suite(path)
     root = tmp_path / "suite"
@@ -215,16 +237,12 @@ def test_bench_runs_skips_finished_runs_and_reports(tmp_path, data_dir, capfd):
     assert out.count("complete, not repeated") == 3 and "ella, order 2, seed 42: resuming" in out
     assert "unfinished run without its saved progress" in err
 
-
-@pytest.mark.slow
-def test_bench_refuses_a_finished_run_whose_settings_changed(tmp_path, data_dir, capfd):
-    path = write_suite(tmp_path, data_dir, SUITE.split("[[sweep]]")[0].replace('methods = ["inclora", "ella"]',
-                                                                              'methods = ["ella"]'))
-    run_suite(path)
+    # a finished run whose settings the suite no longer has is refused, not repeated or overwritten
     path.write_text(path.read_text().replace("lam = 10.0", "lam = 20.0"))
-    with pytest.raises(EllaError, match="stopped"):
+    with pytest.raises(EllaError, match="the run ella, order 1, seed 42 stopped"):
         run_suite(path)
-    assert "other settings (method differ" in capfd.readouterr().err
+    out, err = capfd.readouterr()
+    assert out.count("complete, not repeated") == 3 and "other settings (method differ" in err
 
 
 def test_report_command_on_one_run(sequence_file, tmp_path, capsys):

@@ -33,6 +33,13 @@ highest validation OA (mean over those runs; a tie goes to the setting listed fi
     ella = {lam = [3e3, 3e4]}
     sculpting = {lr = [1e-4, 1e-5]}
 
+and optionally, the selected setting of each method then runs on more orders and seeds (the runs the selection
+already made are not repeated; the report shows the selected settings' runs on all of them)::
+
+    [selected]
+    orders = [1, 2, 3]
+    seeds = [42, 43, 44]
+
 A run that is complete is not repeated and an interrupted one is resumed (both only if their settings still match
 the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is
 printed and the report written (see ``ella.report``).
@@ -59,7 +66,7 @@ from .report import SELECTION, write_report
 from .runspec import RunSpec
 
 SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep", "select",
-              "data_dir", "dtype"}
+              "selected", "data_dir", "dtype"}
 
 
 @dataclass
@@ -68,6 +75,7 @@ class SuiteRun:
     order: int
     seed: int
     spec: RunSpec  # what the run's own process runs
+    after_selection: bool = False  # a [selected] run: it runs only if validation selects its setting
 
     @property
     def output_dir(self) -> Path:
@@ -125,6 +133,24 @@ def _grids(path: Path, suite: dict) -> dict[str, dict]:
     return select
 
 
+def _then(path: Path, suite: dict) -> tuple[list, list] | None:
+    """The checked ``[selected]`` table: the (orders, seeds) the selected settings run on after the selection."""
+    if "selected" not in suite:
+        return None
+    then = suite["selected"]
+    if "select" not in suite:
+        raise EllaError(f"{path}: [selected] runs the settings that [select] chooses on more orders and seeds; "
+                        "add a [select] table or drop [selected]")
+    if not isinstance(then, dict) or not then or set(then) - {"orders", "seeds"}:
+        raise EllaError(f"{path}: [selected] takes orders = [...] and/or seeds = [...] (got {then!r})")
+    if "orders" in then and "tasks" in suite.get("run", {}):
+        raise EllaError(f"{path}: [run] tasks = [...] names the sequence itself; drop orders from [selected]")
+    for key, values in then.items():
+        if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
+            raise EllaError(f"{path}: [selected] {key} = {values!r}: give a non-empty list of whole numbers")
+    return then.get("orders", suite.get("orders", [1])), then.get("seeds", suite.get("seeds", [42]))
+
+
 def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     """The suite's settings and its runs, checked (methods, hyper-parameters) before anything runs."""
     path = Path(path)
@@ -174,23 +200,32 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
               **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
               "command": f"ella bench {portable_path(path.absolute())}"}
-    runs = []
-    for label, method, hyperparameters, own, variant_orders in variants:
-        for order in variant_orders:
-            for seed in seeds:
-                where = root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}"
-                try:  # an unknown setting or method, or a bad hyper-parameter, fails now, not hours into the suite
-                    spec = RunSpec.from_dict({**shared, **own, **({} if "tasks" in options else {"order": order}),
-                                              "seed": seed, "method": method, "label": label, "output_dir": where,
-                                              "hyperparameters": _parsed(method, hyperparameters)})
-                    get_method(method, **spec.hyperparameters)
-                except (EllaError, TypeError) as e:
-                    raise EllaError(f"{path}: {e}") from None
-                if grids and spec.validation_per_task < 1:
-                    raise EllaError(f"{path}: [select] chooses by validation OA, and the runs have no validation "
-                                    "sample: set validation_per_task = N in [run] (N examples per task, drawn from "
-                                    "each task's training split outside its training sample)")
-                runs.append(SuiteRun(label, order, seed, spec))
+
+    def suite_run(label: str, method: str, hyperparameters: dict, own: dict, order: int, seed: int,
+                  after_selection: bool = False) -> SuiteRun:
+        where = root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}"
+        try:  # an unknown setting or method, or a bad hyper-parameter, fails now, not hours into the suite
+            spec = RunSpec.from_dict({**shared, **own, **({} if "tasks" in options else {"order": order}),
+                                      "seed": seed, "method": method, "label": label, "output_dir": where,
+                                      "hyperparameters": _parsed(method, hyperparameters)})
+            get_method(method, **spec.hyperparameters)
+        except (EllaError, TypeError) as e:
+            raise EllaError(f"{path}: {e}") from None
+        if grids and spec.validation_per_task < 1:
+            raise EllaError(f"{path}: [select] chooses by validation OA, and the runs have no validation "
+                            "sample: set validation_per_task = N in [run] (N examples per task, drawn from "
+                            "each task's training split outside its training sample)")
+        return SuiteRun(label, order, seed, spec, after_selection)
+
+    runs = [suite_run(label, method, hyperparameters, own, order, seed)
+            for label, method, hyperparameters, own, variant_orders in variants
+            for order in variant_orders for seed in seeds]
+    then = _then(path, suite)
+    if then:  # every setting's candidate runs; run_suite runs the selected setting's only
+        then_orders, then_seeds = then
+        for label, method, hyperparameters, own, _ in variants:
+            runs += [suite_run(label, method, hyperparameters, own, order, seed, after_selection=True)
+                     for order in then_orders for seed in then_seeds if order not in orders or seed not in seeds]
     labels = [r.output_dir for r in runs]
     if len(set(labels)) != len(labels):
         raise EllaError(f"{path}: two runs would share a directory; give sweeps distinct values")
@@ -200,13 +235,32 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
 def run_suite(path: str | Path) -> Path:
     """Run (or resume, or skip) every run of the suite; write the table and the report; return the report."""
     suite, runs = load_suite(path)
+    first = [run for run in runs if not run.after_selection]
+    _run_each(first, "", suite, path)
+    if "select" in suite:
+        selection = select_settings(suite["select"], first)
+        chosen = {choice["selected"] for choice in selection["methods"].values()}
+        then = [run for run in runs if run.after_selection and run.label in chosen]
+        if "selected" in suite:
+            selection["selected_settings_on"] = {"orders": sorted({r.spec.order for r in first + then}, key=str),
+                                 "seeds": sorted({r.seed for r in first + then})}
+        # written before the selected settings' further runs, so that a report in between shows no other setting
+        (suite["output_dir"] / SELECTION).write_text(json.dumps(selection, indent=1))
+        _run_each(then, "selected ", suite, path)
+    else:  # a selection left from an earlier version of the suite would hide runs from the report
+        (suite["output_dir"] / SELECTION).unlink(missing_ok=True)
+    return write_report([suite["output_dir"]], suite["output_dir"])
+
+
+def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path) -> None:
+    """Run, resume or skip each run, in a process of its own, so that its peak memory is its own and nothing one run
+    leaves allocated reaches the next. Resuming, the run checks that its settings still match and trains only what
+    is missing."""
     for index, run in enumerate(runs, 1):
         status = run_status(run.output_dir)
         sequence = "the named tasks" if "tasks" in suite.get("run", {}) else f"order {run.order}"
-        print(f"[{index}/{len(runs)}] {run.label}, {sequence}, seed {run.seed}: "
+        print(f"[{stage}{index}/{len(runs)}] {run.label}, {sequence}, seed {run.seed}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status], flush=True)
-        # Each run in its own process, so its peak memory is its own and nothing one run leaves allocated reaches
-        # the next. Resuming, the run checks that the settings still match and trains only what is missing.
         spec = dataclasses.replace(run.spec, resume=status is not None)
         child = [sys.executable, "-c", "import sys, ella.runspec; sys.exit(ella.runspec.main())"]
         exit_status = subprocess.run(child, input=spec.to_json(), text=True).returncode
@@ -214,12 +268,6 @@ def run_suite(path: str | Path) -> Path:
             raise EllaError(f"the run {run.label}, {sequence}, seed {run.seed} stopped (exit status {exit_status}; its "
                             f"message is above). The finished runs are kept: fix the cause and run `ella bench {path}` "
                             "again to go on from there")
-    if "select" in suite:
-        selection = select_settings(suite["select"], runs)
-        (suite["output_dir"] / SELECTION).write_text(json.dumps(selection, indent=1))
-    else:  # a selection left from an earlier version of the suite would hide runs from the report
-        (suite["output_dir"] / SELECTION).unlink(missing_ok=True)
-    return write_report([suite["output_dir"]], suite["output_dir"])
 
 
 def select_settings(grids: dict[str, dict], runs: list[SuiteRun]) -> dict:

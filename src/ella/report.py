@@ -311,13 +311,16 @@ def describe_selection(selection: dict) -> str:
                       for method, choice in methods.items())
     budget = len(next(iter(methods.values()))["settings"])
     runs = sum(setting["runs"] for choice in methods.values() for setting in choice["settings"])
+    on = selection.get("selected_settings_on")
+    then = (f" The selected settings then ran on {', '.join(map(_sequence, on['orders']))} and seed(s) "
+            f"{', '.join(map(str, on['seeds']))}.") if on else ""
     return (f"Hyper-parameters selected by validation OA, never by test: for each method, of its grid ({budget} "
             f"settings per method; {grids}) the setting with the highest mean accuracy after the last task on "
             f"{selection['validation_per_task']} validation examples per task (drawn from each task's training "
             f"split, outside its training sample), averaged over {', '.join(map(_sequence, selection['orders']))} "
             f"and seed(s) {', '.join(map(str, selection['seeds']))} ({runs} runs in all); a tie goes to the setting "
-            "listed first in the grid. The results, costs and figures below are the selected settings' runs only, "
-            "on the test examples.")
+            "listed first in the grid." + then + " The results, costs and figures below are the selected settings' "
+            "runs only, on the test examples.")
 
 
 def selection_table(selection: dict) -> tuple[list[str], list[list[str]]]:
@@ -357,6 +360,9 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     tables = [("Hyper-parameters selected by validation", selection_table(selection)) for selection in selections]
     tables += [("Results (the papers' form; ± is the spread over seeds)", results), ("Cost per run", cost_table(runs))]
     notes = {}  # title -> paragraphs under its table
+    # a selection suite's runs are labelled by setting: the reference method is its selected setting
+    reference = next((choice["selected"] for selection in selections
+                      for method, choice in selection["methods"].items() if method == reference), reference)
     comparison = comparison_table(runs, reference)
     if comparison:
         title = f"Paired differences against {reference}"
