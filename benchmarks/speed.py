@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py            # 19 minutes on 2 AVX2 cores
     python benchmarks/speed.py --quick    # one round, one task: a look
+    python benchmarks/speed.py --probe ella --tasks 1 --tokens-per-pass 1024   # ella's step alone, another pass size
 
 SmolLM2-135M on the Standard CL prompts of order 1 (batch 8, max length 256, rank-8 LoRA on q and v, the
 precision ella chooses for this CPU). Measured in one run, each part in processes of its own (peak memory is the
@@ -86,10 +87,10 @@ def training_data(tasks_used: int):
     return model, tokenizer, tasks, items
 
 
-def ella_training(tasks_used: int) -> dict:
+def ella_training(tasks_used: int, tokens_per_pass: int = TrainingConfig.tokens_per_pass) -> dict:
     """ella's ``train_task`` (IncLoRA: a fresh LoRA per task) over the tasks' first steps."""
     model, tokenizer, tasks, items = training_data(tasks_used)
-    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH, tokens_per_pass=tokens_per_pass)
     accelerator = make_accelerator(config)
     method = ella.get_method("inclora")
     method.setup(model, tasks)
@@ -300,12 +301,17 @@ def write_report(results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round on one task")
-    parser.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
-    parser.add_argument("--tasks", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", choices=PROBES, help="run one probe in this process and print its JSON")
+    parser.add_argument("--tasks", type=int, default=2, help="with --probe: the tasks whose first steps it takes")
     parser.add_argument("--report-only", action="store_true", help="rewrite speed.md from speed.json")
+    parser.add_argument("--tokens-per-pass", type=int, default=TrainingConfig.tokens_per_pass,
+                        help="with --probe ella: the pass size of ella's step (printed as JSON, nothing written)")
     args = parser.parse_args()
     if args.report_only:
         write_report(json.loads((RESULTS / "speed.json").read_text()))
+        return
+    if args.probe == "ella":
+        print(json.dumps(ella_training(args.tasks, args.tokens_per_pass)))
         return
     if args.probe:
         print(json.dumps(PROBES[args.probe](args.tasks)))
