@@ -241,9 +241,10 @@ def run_suite(path: str | Path) -> Path:
         selection = select_settings(suite["select"], first)
         chosen = {choice["selected"] for choice in selection["methods"].values()}
         then = [run for run in runs if run.after_selection and run.label in chosen]
-        if "selected" in suite:
-            selection["selected_settings_on"] = {"orders": sorted({r.spec.order for r in first + then}, key=str),
-                                 "seeds": sorted({r.seed for r in first + then})}
+        if "selected" in suite:  # the selected settings' runs: the selection's own and the further ones
+            selected = [run for run in first if run.label in chosen] + then
+            selection["selected_settings_on"] = {"orders": sorted({run.spec.order for run in selected}, key=str),
+                                                 "seeds": sorted({run.seed for run in selected})}
         # written before the selected settings' further runs, so that a report in between shows no other setting
         (suite["output_dir"] / SELECTION).write_text(json.dumps(selection, indent=1))
         _run_each(then, "selected ", suite, path)
