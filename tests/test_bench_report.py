@@ -129,6 +129,8 @@ def test_selected_settings_run_on_more_seeds_after_the_selection(tmp_path, data_
         ("inclora-lr0.001", 43, True), ("inclora-lr0.1", 43, True), ("ella-lam1.0", 43, True),
         ("ella-lam100.0", 43, True)]
     assert runs[6].spec.hyperparameters == {"lam": 1.0} and runs[5].spec.lr == 0.1
+    # the choice made, the further runs need no validation sample (their training sample is the same without)
+    assert [r.spec.validation_per_task for r in runs] == [2] * 4 + [0] * 4
     assert runs[6].output_dir == tmp_path / "suite" / "ella-lam1.0" / "tasks-seed43"
 
 
@@ -197,7 +199,8 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     paired = text.split(f"## Paired differences against {selection['methods']['ella']['selected']}")[1]
     assert f"\n| {selection['methods']['inclora']['selected']} | 2 |" in paired  # selected settings, 2 seeds
     assert selection["selected_settings_on"] == {"orders": [None], "seeds": [42, 43]}
-    assert "a tie goes to the setting listed first" in text and "2 training, 2 validation and 2 test examples" in text
+    assert "a tie goes to the setting listed first" in text
+    assert "2 training, 2 validation (in the selection's runs) and 2 test examples" in text
 
 
 @pytest.mark.slow  # each run is a process of its own

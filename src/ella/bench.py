@@ -33,8 +33,9 @@ highest validation OA (mean over those runs; a tie goes to the setting listed fi
     ella = {lam = [3e3, 3e4]}
     sculpting = {lr = [1e-4, 1e-5]}
 
-and optionally, the selected setting of each method then runs on more orders and seeds (the runs the selection
-already made are not repeated; the report shows the selected settings' runs on all of them)::
+and optionally, the selected setting of each method then runs on more orders and seeds, without the validation
+sample (the runs the selection already made are not repeated; the report shows the selected settings' runs on all
+of them)::
 
     [selected]
     orders = [1, 2, 3]
@@ -204,6 +205,8 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     def suite_run(label: str, method: str, hyperparameters: dict, own: dict, order: int, seed: int,
                   after_selection: bool = False) -> SuiteRun:
         where = root / label / f"{'tasks' if 'tasks' in options else f'order{order}'}-seed{seed}"
+        if after_selection:  # the choice is made: no validation sample (the training sample is the same without)
+            own = {**own, "validation_per_task": 0}
         try:  # an unknown setting or method, or a bad hyper-parameter, fails now, not hours into the suite
             spec = RunSpec.from_dict({**shared, **own, **({} if "tasks" in options else {"order": order}),
                                       "seed": seed, "method": method, "label": label, "output_dir": where,
@@ -211,7 +214,7 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
             get_method(method, **spec.hyperparameters)
         except (EllaError, TypeError) as e:
             raise EllaError(f"{path}: {e}") from None
-        if grids and spec.validation_per_task < 1:
+        if grids and not after_selection and spec.validation_per_task < 1:
             raise EllaError(f"{path}: [select] chooses by validation OA, and the runs have no validation "
                             "sample: set validation_per_task = N in [run] (N examples per task, drawn from "
                             "each task's training split outside its training sample)")
