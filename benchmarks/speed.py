@@ -80,7 +80,8 @@ def matmul_throughput(dtype: torch.dtype, repeats: int, shapes: dict) -> dict:
 
 
 def training_data(tasks_used: int):
-    torch.manual_seed(0)  # the same LoRA initialisation and dropout masks in every round (the process's own seed varies)
+    # the same LoRA initialisation and dropout masks in every round (the process's own seed varies)
+    torch.manual_seed(0)
     model, tokenizer = ella.load_model("smollm2-135m")
     tasks = ella.load_cl_benchmark("standard", 1, train_per_task=TRAIN_EXAMPLES, test_per_task=1)[:tasks_used]
     items = [TaskEncoder(tokenizer, task, MAX_LENGTH, False).training(task.train) for task in tasks]

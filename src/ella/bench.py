@@ -134,8 +134,9 @@ def _grids(path: Path, suite: dict) -> dict[str, dict]:
     return select
 
 
-def _then(path: Path, suite: dict) -> tuple[list, list] | None:
-    """The checked ``[selected]`` table: the (orders, seeds) the selected settings run on after the selection."""
+def _then(path: Path, suite: dict, orders: list, seeds: list) -> tuple[list, list] | None:
+    """The checked ``[selected]`` table: the (orders, seeds) the selected settings run on after the selection; what
+    it leaves out is the suite's ``orders`` / ``seeds``."""
     if "selected" not in suite:
         return None
     then = suite["selected"]
@@ -149,7 +150,7 @@ def _then(path: Path, suite: dict) -> tuple[list, list] | None:
     for key, values in then.items():
         if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
             raise EllaError(f"{path}: [selected] {key} = {values!r}: give a non-empty list of whole numbers")
-    return then.get("orders", suite.get("orders", [1])), then.get("seeds", suite.get("seeds", [42]))
+    return then.get("orders", orders), then.get("seeds", seeds)
 
 
 def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
@@ -223,7 +224,7 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     runs = [suite_run(label, method, hyperparameters, own, order, seed)
             for label, method, hyperparameters, own, variant_orders in variants
             for order in variant_orders for seed in seeds]
-    then = _then(path, suite)
+    then = _then(path, suite, orders, seeds)
     if then:  # every setting's candidate runs; run_suite runs the selected setting's only
         then_orders, then_seeds = then
         for label, method, hyperparameters, own, _ in variants:

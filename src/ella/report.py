@@ -335,9 +335,10 @@ def describe(runs: list[dict]) -> str:
     """What was run, from the runs' own records."""
     first = runs[0]
     info, training, evaluation = first["run"], first["training_config"], first["evaluation"]
-    validation = {r["run"].get("validation_per_task") or 0 for r in runs}
-    validation = "" if validation == {0} else f", {max(validation)} validation" if len(validation) == 1 else \
-        f", {max(validation)} validation (in the selection's runs)"
+    per_task = {r["run"].get("validation_per_task") or 0 for r in runs}
+    validation = f", {max(per_task)} validation" if max(per_task) else ""
+    if validation and 0 in per_task:  # a [selected] suite: its further runs go without
+        validation += " (in the selection's runs)"
     on = _by(runs, lambda r: describe_hardware(r["hardware"]) if "hardware" in r else "not recorded")
     schedule = first["evaluation_config"].get("schedule", "full")
     schedule = "" if schedule == "full" else f", schedule {schedule} (unmeasured cells blank)"
