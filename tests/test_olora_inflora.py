@@ -170,7 +170,7 @@ def test_covariance_is_the_sum_of_the_layer_inputs(tasks):
         inputs = torch.cat([base.layers[0].input_layernorm(base.embed_tokens(torch.tensor(item.input_ids)))
                             for item in items[:3]])  # the first 3 examples, no padding
     covariance = inputs.T @ inputs
-    torch.testing.assert_close(method.update.covariances[Q0], covariance, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.update.covariances(model, data)[Q0], covariance, rtol=1e-5, atol=1e-5)
     # A = C's top-4 eigenvectors (no earlier subspace yet): A C Aᵀ = diag of its 4 largest eigenvalues
     a = lora_layers(model, "task0")[Q0].lora_A["task0"].weight.detach()
     top = torch.linalg.eigvalsh(covariance).flip(0)[:4]
@@ -182,8 +182,9 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
     model, tokenizer = tiny_model(seq2seq=seq2seq)
     method = get_method("inflora", lora_r=4)
     method.setup(model, tasks)
-    model = method.prepare(model, 0, tasks[0], inflora_data(tokenizer, tasks[0], seq2seq)[1])
-    model = method.finish(model, 0, tasks[0])
+    data = [inflora_data(tokenizer, task, seq2seq)[1] for task in tasks[:2]]
+    model = method.prepare(model, 0, tasks[0], data[0])
+    model = method.finish(model, 0, tasks[0], data[0])
     inflora = method.update
     first = {name: basis.clone() for name, basis in inflora.bases.items()}
     assert len(first) == 2 * 2 * (3 if seq2seq else 1)  # q and v of every attention
@@ -191,7 +192,7 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
         assert 1 <= basis.shape[1] <= 32 - 4  # room left for the next task's A
         torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), rtol=0, atol=1e-5)
 
-    model = method.prepare(model, 1, tasks[1], inflora_data(tokenizer, tasks[1], seq2seq)[1])
+    model = method.prepare(model, 1, tasks[1], data[1])
     for name, layer in lora_layers(model, "task1").items():
         a = layer.lora_A["task1"].weight
         assert not a.requires_grad and layer.lora_B["task1"].weight.requires_grad
@@ -200,7 +201,7 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
     trainable = {name for name, param in model.named_parameters() if param.requires_grad}
     assert trainable and all("lora_B" in name for name in trainable)
 
-    model = method.finish(model, 1, tasks[1])
+    model = method.finish(model, 1, tasks[1], data[1])
     for name, basis in inflora.bases.items():
         assert first[name].shape[1] <= basis.shape[1] <= 32 - 4
         torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), rtol=0, atol=1e-5)
@@ -212,6 +213,31 @@ def test_second_task_a_is_orthonormal_and_off_the_first_tasks_subspace(tasks, tm
     other = get_method("inflora")
     other.load_state_dict(round_trip(state, tmp_path))
     torch.testing.assert_close(other.update.bases, inflora.bases)
+
+
+def test_subspace_grows_from_the_trained_models_inputs_at_the_tasks_threshold(tasks):
+    """As in the reference code: after the task its examples run through the trained model again, and M takes the
+    directions of those inputs that reach τ_t = τ + (τ_end − τ)·t/T."""
+    model, tokenizer = tiny_model()
+    method = get_method("inflora", lora_r=4, gpm_threshold=0.6, gpm_threshold_end=0.9)
+    method.setup(model, tasks)
+    inflora, steps = method.update, len(tasks)
+    assert [inflora.threshold(t) for t in range(steps)] == pytest.approx([0.6 + 0.3 * t / steps for t in range(steps)])
+    _, data = inflora_data(tokenizer, tasks[0])
+    model = method.prepare(model, 0, tasks[0], data)
+    before = inflora.covariances(model, data)
+    with torch.no_grad():  # "training": the first block's update changes what the second block receives
+        for name, layer in lora_layers(model, "task0").items():
+            if ".0." in name:
+                layer.lora_B["task0"].weight.normal_(0, 1.0)
+    after = inflora.covariances(model, data)
+    changed = [name for name in after if ".1." in name]
+    assert changed and all((after[name] - before[name]).abs().max() > 1e-3 * after[name].abs().max()
+                           for name in changed)
+    model = method.finish(model, 0, tasks[0], data)
+    for name, covariance in after.items():
+        expected = extend_basis(covariance.new_zeros(32, 0), covariance, 0.6, 32 - 4)
+        torch.testing.assert_close(projector(inflora.bases[name]), projector(expected), rtol=0, atol=1e-4)
 
 
 def test_inflora_update_leaves_the_earlier_subspace_unchanged(tasks):
@@ -245,6 +271,7 @@ def test_inflora_needs_room_for_a(tasks):
     ("inflora", dict(gpm_threshold=1.0), r"gpm_threshold must be in \(0, 1\)"),
     ("inflora", dict(gpm_threshold=0.0), r"gpm_threshold must be in \(0, 1\)"),
     ("inflora", dict(stats_examples=0), "stats_examples must be at least 1"),
+    ("inflora", dict(gpm_threshold=0.95, gpm_threshold_end=0.9), r"gpm_threshold_end must be in \[gpm_threshold, 1\]"),
 ])
 def test_bad_hyperparameters(name, bad, message):
     with pytest.raises(EllaError, match=message):

@@ -9,13 +9,23 @@ training, the inputs x that the task's training examples send into the layer giv
     C' = (I − M Mᵀ) C (I − M Mᵀ),        A_t = the top-r eigenvectors of C', as rows (orthonormal, A_t M = 0)
 
 and only B_t trains (from zero). Where C' has fewer than r non-zero eigenvalues, A_t's remaining rows are other
-directions orthogonal to M. After the task, M takes in the task's own subspace: the fewest top eigenvectors
-u_1..u_k of C' such that the energy of C the enlarged M captures reaches the threshold τ,
+directions orthogonal to M. After the task, as in the reference code, the same examples run through the trained
+model once more, and their covariance C (of the inputs the layers now receive) gives M the task's own subspace:
+the fewest top eigenvectors u_1..u_k of C' such that the energy of C the enlarged M captures reaches the
+threshold τ_t of task t (0-based) of T, which rises linearly from τ to τ_end as in the reference code,
 
-    (tr(Mᵀ C M) + Σ_{i≤k} λ_i(C')) / tr(C) ≥ τ,        M ← orthonormalised [M, u_1..u_k]
+    τ_t = τ + (τ_end − τ)·t/T,    (tr(Mᵀ C M) + Σ_{i≤k} λ_i(C')) / tr(C) ≥ τ_t,    M ← orthonormalised [M, u_1..u_k]
 
 keeping at most d_in − r columns (room for the next task's A); then the LoRA is merged into the model. (The paper
 keeps the same subspace with DualGPM, which stores M or its complement, whichever is smaller.)
+
+Where ella departs from the reference code (liangyanshuo/InfLoRA, written for ViTs): energy is GPM's, the
+eigenvalues of C (the squared singular values of the inputs), where the reference squares the singular values of
+C itself and so keeps fewer directions at the same τ; the first task keeps the fewest directions that reach τ_0,
+as every later task does, where the reference keeps one fewer there; C comes from ``stats_examples`` (64) examples,
+not the whole training set; and A's rows have norm 1 under peft's scaling α/r (4 at the defaults), where the
+reference scales them to 1/√3 with no scaling, so the same learning rate takes steps about 7 times larger: the
+learning rate is a hyper-parameter to choose on validation.
 
 Why it is interference-free: the earlier tasks' inputs lie in span(M) up to 1 − τ of their energy, and
 ΔW_t x = s·B_t·(A_t x) = 0 for every x in span(M), so the new task leaves those outputs as they were. Training B_t
@@ -32,7 +42,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..data import Task
 from ..errors import EllaError
-from .base import UPDATE, TaskData, device_of, hyperparameter, observe, register_method, register_part, require_data
+from .base import UPDATE, TaskData, hyperparameter, observe, register_method, register_part, require_data
 from .inclora import TaskLoRA
 from .lora import LoraHyperparameters, check_state_fits
 from .w_past import LowRank
@@ -42,8 +52,10 @@ from .w_past import LowRank
 class InfLoRAHyperparameters(LoraHyperparameters):
     stats_examples: int = hyperparameter(64, "training examples of each task whose inputs to the adapted layers "
                                              "give the covariance C")
-    gpm_threshold: float = hyperparameter(0.95, "τ: after each task the input subspace M grows until it captures this "
-                                                "fraction of the energy tr(C) of the task's inputs")
+    gpm_threshold: float = hyperparameter(0.95, "τ: after the first task the input subspace M grows until it captures "
+                                                "this fraction of the energy tr(C) of the task's inputs")
+    gpm_threshold_end: float = hyperparameter(1.0, "τ_end: the threshold rises linearly from τ (first task) towards "
+                                                   "τ_end (reached after the last one), as in the reference code")
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,6 +63,9 @@ class InfLoRAHyperparameters(LoraHyperparameters):
             raise EllaError(f"stats_examples must be at least 1 (got {self.stats_examples})")
         if not 0 < self.gpm_threshold < 1:
             raise EllaError(f"gpm_threshold must be in (0, 1) (got {self.gpm_threshold}); GPM uses 0.95 to 0.99")
+        if not self.gpm_threshold <= self.gpm_threshold_end <= 1:
+            raise EllaError(f"gpm_threshold_end must be in [gpm_threshold, 1] (got {self.gpm_threshold_end}); the "
+                            "reference code rises from 0.95 to 1.0")
 
 
 def input_covariances(model: torch.nn.Module, layers: dict[str, LoraLayer], batches) -> dict[str, torch.Tensor]:
@@ -109,7 +124,7 @@ class InfLoRA:
         self.config = config
         self.lora = TaskLoRA(config)  # the task's LoRA, whose A is designed here
         self.bases: dict[str, torch.Tensor] = {}  # module name -> M, the earlier tasks' input subspace (d_in x k)
-        self.covariances: dict[str, torch.Tensor] = {}  # module name -> C of the current task
+        self.num_tasks = 0  # T, for τ_t
 
     @property
     def adapter(self) -> str:
@@ -121,9 +136,19 @@ class InfLoRA:
 
     def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
         self.lora.setup(model, tasks)
+        self.num_tasks = len(tasks)
 
     def layers(self, model: torch.nn.Module) -> dict[str, LoraLayer]:
         return self.lora.layers(model)
+
+    def threshold(self, task_index: int) -> float:
+        """τ_t = τ + (τ_end − τ)·t/T."""
+        start, end = self.config.gpm_threshold, self.config.gpm_threshold_end
+        return start + (end - start) * task_index / self.num_tasks
+
+    def covariances(self, model: torch.nn.Module, data: TaskData) -> dict[str, torch.Tensor]:
+        examples = data.batches(batch_size=1, limit=self.config.stats_examples)  # one at a time: no padding tokens
+        return input_covariances(model, self.layers(model), examples)
 
     def task_updates(self, model: torch.nn.Module) -> dict[str, LowRank]:
         return self.lora.task_updates(model)
@@ -139,10 +164,9 @@ class InfLoRA:
         layers = self.layers(model)
         check_state_fits(self.name, {name: (None, basis.shape[0]) for name, basis in self.bases.items()}, layers)
         # with B = 0 the new LoRA leaves every output as it was: these are the model's inputs before the task
-        examples = data.batches(batch_size=1, limit=self.config.stats_examples)  # one at a time: no padding tokens
-        self.covariances = input_covariances(model, layers, examples)
+        covariances = self.covariances(model, data)
         for name, layer in layers.items():
-            covariance = self.covariances[name]
+            covariance = covariances[name]
             basis = self.basis(name, covariance)
             if layer.in_features - basis.shape[1] < rank:
                 raise EllaError(f"module {name} has {layer.in_features} inputs, {basis.shape[1]} of them taken by the "
@@ -152,17 +176,14 @@ class InfLoRA:
             with torch.no_grad():
                 weight.copy_(designed_lora_a(covariance, basis, rank))
             weight.requires_grad_(False)
-            self.covariances[name] = covariance.cpu()  # off the accelerator while the task trains
         return model
 
     def finish(self, model: torch.nn.Module, task_index: int, task: Task,
                data: TaskData | None = None) -> torch.nn.Module:
-        device = device_of(model)
-        for name, covariance in self.covariances.items():
-            covariance = covariance.to(device)
-            self.bases[name] = extend_basis(self.basis(name, covariance), covariance, self.config.gpm_threshold,
+        data = require_data(data, self.name, "to measure the inputs of the adapted layers after training")
+        for name, covariance in self.covariances(model, data).items():  # the trained model's inputs
+            self.bases[name] = extend_basis(self.basis(name, covariance), covariance, self.threshold(task_index),
                                             covariance.shape[0] - self.config.lora_r)
-        self.covariances = {}
         return self.lora.finish(model, task_index, task, data)
 
     def basis(self, name: str, covariance: torch.Tensor) -> torch.Tensor:
