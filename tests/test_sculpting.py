@@ -11,9 +11,15 @@ from ella.models import tiny_model
 
 
 def test_retained_fraction_from_importance_by_hand():
-    # mean importance 1.0 -> I = 0.5, 1.0, 1.5 -> 0.1 + I·0.7 = 0.45, 0.8, 1.15 (clipped to 0.8)
-    fractions = retained_fractions({"a": 0.25, "b": 0.5, "c": 0.75}, mrr=0.1, trr=0.8)
-    assert fractions == pytest.approx({"a": 0.45, "b": 0.8, "c": 0.8})
+    # mean importance 0.5 -> I = 0.5, 1.0, 1.5 -> 0.1 + I·0.7 = 0.45, 0.8, 1.15 (clipped to 0.99)
+    fractions = retained_fractions({"a": 0.25, "b": 0.5, "c": 0.75}, mrr=0.1, trr=0.8, most=0.99)
+    assert fractions == pytest.approx({"a": 0.45, "b": 0.8, "c": 0.99})
+    # I = 0.8, 1.2, 1.0: above the mean a block keeps more than trr
+    fractions = retained_fractions({"a": 0.4, "b": 0.6, "c": 0.5}, mrr=0.1, trr=0.8, most=0.99)
+    assert fractions == pytest.approx({"a": 0.66, "b": 0.94, "c": 0.8})
+    # I = 2.5, -0.5: 1.85 clipped to 0.99; a negative cosine keeps mrr
+    fractions = retained_fractions({"a": 1.0, "b": -0.2}, mrr=0.1, trr=0.8, most=0.99)
+    assert fractions == pytest.approx({"a": 0.99, "b": 0.1})
 
 
 def task_data(tasks, model, tokenizer, task_index=0):

@@ -6,7 +6,13 @@ At the start of every task each target matrix is decomposed afresh, W = U Σ V�
 importance I = mean over the task's tokens of cos(h, block(h)) (the block's input and output hidden states),
 normalised to mean 1 over the blocks:
 
-    retained fraction = mrr + I·(trr − mrr), clipped to [mrr, trr]        (mrr = 0.1, trr = 0.8)
+    retained fraction = mrr + I·(trr − mrr)        (mrr = 0.1, trr = 0.8)
+
+so a block of mean importance keeps trr and one above the mean keeps more; the fraction is kept at least mrr and
+below 1 by one direction of the narrowest adapted matrix, so that every matrix trains in some direction.
+Importance is measured per block, the "layer" of the paper's cos(x, W x) read as a transformer layer (its input and
+output have the same width). The released code's adaptive variant, commented out there, measures it per matrix
+with the first min(d_out, d_in) coordinates of x and W x; its active path keeps a fixed ratio.
 
 After every backward pass the gradients are projected off the frozen directions (peft's hooks):
 dU_lo −= U_hi(U_hiᵀ dU_lo), dV_lo −= (dV_lo V_hiᵀ) V_hi. AdamW's per-coordinate scaling and weight decay do not
@@ -37,8 +43,9 @@ class SculptingHyperparameters:
     target_modules: list[str] | None = hyperparameter(
         None, "comma-separated linear layers to train (default: attention q,k,v,o and the MLP matrices as peft's "
               "OSF names them for the model type; every linear layer for other types)", parse_names)
-    min_retained: float = hyperparameter(0.1, "mrr: the retained (frozen) fraction of the least important block")
-    max_retained: float = hyperparameter(0.8, "trr: the retained (frozen) fraction of the most important block")
+    min_retained: float = hyperparameter(0.1, "mrr: the retained (frozen) fraction of a block of importance 0")
+    max_retained: float = hyperparameter(0.8, "trr: the retained (frozen) fraction of a block of mean importance "
+                                              "(more above the mean)")
     importance_examples: int = hyperparameter(32, "training examples of the task that measure block importance")
 
     def __post_init__(self):
@@ -70,10 +77,10 @@ def block_importance(model: torch.nn.Module, batches) -> dict[str, float]:
     return {name: total / count for name, (total, count) in totals.items() if count}
 
 
-def retained_fractions(importance: dict[str, float], mrr: float, trr: float) -> dict[str, float]:
-    """mrr + I·(trr − mrr) with I normalised to mean 1 over the blocks, clipped to [mrr, trr]."""
+def retained_fractions(importance: dict[str, float], mrr: float, trr: float, most: float) -> dict[str, float]:
+    """mrr + I·(trr − mrr) with I normalised to mean 1 over the blocks, clipped to [mrr, most]."""
     mean = sum(importance.values()) / len(importance)
-    return {block: min(trr, max(mrr, mrr + (value / mean) * (trr - mrr))) for block, value in importance.items()}
+    return {block: min(most, max(mrr, mrr + (value / mean) * (trr - mrr))) for block, value in importance.items()}
 
 
 @torch.no_grad()
@@ -122,7 +129,10 @@ class SculptingSubspaces:
         if not importance:
             raise EllaError(f"found no numbered transformer blocks in this {model.config.model_type} model "
                             "to measure importance on")
-        self.retained = retained_fractions(importance, self.config.min_retained, self.config.max_retained)
+        # peft keeps int(fraction · min(d_out, d_in)) directions: below 1 by one direction of the narrowest matrix
+        narrowest = min(min(module.weight.shape) for module in model.modules() if isinstance(module, torch.nn.Linear))
+        self.retained = retained_fractions(importance, self.config.min_retained, self.config.max_retained,
+                                           most=1 - 1 / narrowest)
         targets = (self.config.target_modules
                    or TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPING.get(model.config.model_type, "all-linear"))
         config = OSFConfig(target_modules=targets, effective_rank=self.config.max_retained,
