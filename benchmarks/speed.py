@@ -68,6 +68,7 @@ def used_dtype() -> torch.dtype:
 # same instructions. Its internal check is a function a preloaded library can answer instead; Intel does not
 # support that, so ella never does it itself: the benchmark measures what it would give a user who does.
 MKL_OVERRIDE_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
+OVERRIDDEN_ELLA = "ella (`train_task`), MKL override"  # its label among the training variants
 
 
 def mkl_override(directory: Path) -> tuple[dict | None, str]:
@@ -206,7 +207,6 @@ def necessary_training_flops(tasks_used: int) -> dict:
 # Evaluation
 
 
-OVERRIDDEN_ELLA = "ella (`train_task`), MKL override"
 EVAL_VARIANTS = {  # label -> (shared prefix, batch size); FLOPs are counted for the default batch
     f"prefix cached, batch {EVAL_BATCH}": (True, EVAL_BATCH), "prefix cached, batch 16": (True, 16),
     f"whole prompts, batch {EVAL_BATCH}": (False, EVAL_BATCH)}

@@ -9,7 +9,8 @@ normalised to mean 1 over the blocks:
     retained fraction = mrr + I·(trr − mrr)        (mrr = 0.1, trr = 0.8)
 
 so a block of mean importance keeps trr and one above the mean keeps more; the fraction is kept at least mrr and
-below 1 by one direction of the narrowest adapted matrix, so that every matrix trains in some direction.
+below 1 by one direction of the model's narrowest linear layer, so that every adapted matrix trains in some
+direction.
 Importance is measured per block, the "layer" of the paper's cos(x, W x) read as a transformer layer (its input and
 output have the same width). The released code's adaptive variant, commented out there, measures it per matrix
 with the first min(d_out, d_in) coordinates of x and W x; its active path keeps a fixed ratio.
@@ -129,7 +130,8 @@ class SculptingSubspaces:
         if not importance:
             raise EllaError(f"found no numbered transformer blocks in this {model.config.model_type} model "
                             "to measure importance on")
-        # peft keeps int(fraction · min(d_out, d_in)) directions: below 1 by one direction of the narrowest matrix
+        # peft keeps int(fraction · min(d_out, d_in)) directions: below 1 by one direction of the narrowest linear
+        # layer (adapted or not), no adapted matrix keeps them all
         narrowest = min(min(module.weight.shape) for module in model.modules() if isinstance(module, torch.nn.Linear))
         self.retained = retained_fractions(importance, self.config.min_retained, self.config.max_retained,
                                            most=1 - 1 / narrowest)
