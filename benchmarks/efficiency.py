@@ -1,7 +1,8 @@
-"""Efficiency of ella's methods, measured in one run: CL state size, training-step time and memory, evaluation
-throughput, and the penalty error of the compressed W_past representations.
+"""Efficiency of ella's methods, measured in one run: CL state size, training-step time and memory, and the
+penalty error of the compressed W_past representations. (Evaluation throughput, against the machine's limit, is
+benchmarks/speed.py's.)
 
-    python benchmarks/efficiency.py                  # about 20 minutes on 2 CPU cores
+    python benchmarks/efficiency.py                  # 66 minutes on 2 AVX2 cores (AMD EPYC, fp32)
     python benchmarks/efficiency.py --quick          # fewer repetitions, for a look
 
 Writes benchmarks/results/efficiency.md (the tables) and efficiency.json (every figure). Model: SmolLM2-135M
@@ -22,8 +23,9 @@ import torch
 
 import ella
 from ella.data import TaskEncoder, collate
-from ella.engine import TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision, train_task
-from ella.evaluation import answer_token_nll, evaluate_task
+from ella.engine import (ProcessShare, TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision,
+                         train_task, training_dropout)
+from ella.evaluation import answer_token_nll
 from ella.methods import METHODS, TaskData, get_method
 from ella.methods.w_past import LowRank, PastUpdates
 from ella.provenance import describe_hardware, hardware
@@ -41,7 +43,8 @@ STEP_METHODS = {  # label -> (method, hyper-parameters)
     "ella, svd R=64": ("ella", {"w_past": "svd"}),
 }
 DEFAULT_ELLA = "ella (default: factors, W² cached)"
-PRECISION = "bf16 autocast" if resolve_mixed_precision("auto") == "bf16" else "fp32 (ella's choice: this CPU has neither AVX-512 BF16 nor AMX)"
+PRECISION = ("bf16 autocast" if resolve_mixed_precision("auto") == "bf16"
+             else "fp32 (ella's choice: this CPU has neither AVX-512 BF16 nor AMX)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,7 +64,8 @@ def adapted_shapes(model_name: str) -> list[tuple[int, int]]:
         config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                              num_key_value_heads=8, head_dim=128, vocab_size=128256)
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(config) if config.is_encoder_decoder else AutoModelForCausalLM.from_config(config)
+        model = (T5ForConditionalGeneration(config) if config.is_encoder_decoder
+                 else AutoModelForCausalLM.from_config(config))
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]
     return [tuple(m.weight.shape) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
@@ -88,7 +92,8 @@ def measured_state_bytes(shapes: list[tuple[int, int]], tasks: int) -> dict[str,
               **{f"ELLA svd R={r}": PastUpdates("svd", rank=r) for r in SVD_RANKS}}
     for _ in range(tasks):
         for index, (d_out, d_in) in enumerate(shapes):
-            update = LowRank(torch.randn(d_out, RANK, generator=generator), torch.randn(d_in, RANK, generator=generator))
+            update = LowRank(torch.randn(d_out, RANK, generator=generator),
+                             torch.randn(d_in, RANK, generator=generator))
             for store in stores.values():
                 store.add(str(index), update)
     return {name: store.nbytes() for name, store in stores.items()}
@@ -99,7 +104,8 @@ def measured_state_bytes(shapes: list[tuple[int, int]], tasks: int) -> dict[str,
 
 
 def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
-    """Step time of ``method`` on a fixed batch (8 x 128 tokens) during its second task, and the peak RSS.
+    """Step time of ``method`` on a fixed batch (8 x 128 tokens) during its second task, and the peak RSS; the
+    engine's dropout (``training_dropout``), so the step is the one ``train_task`` takes.
 
     Steps alternate with and without the method's penalty, so the penalty's own cost is also measured paired,
     in the same process on the same batch (the ratio of each step to its neighbour without the penalty).
@@ -111,34 +117,36 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
     method = get_method(method_name, **hyperparameters)
     method.setup(model, tasks)
     data = []
-    for t, task in enumerate(tasks):
+    for t, (task, num_steps) in enumerate(zip(tasks, (1, 2 * steps + 2))):  # the first task: one step, untimed
         items = method.training_items(t, sequence) or sequence[t]  # MTL trains nothing at its second task
         batch = collate(items[:8], tokenizer.pad_token_id, False)
-        data.append((batch, TaskData(items, 2 * steps + 2, lambda batch_size=1, limit=None, b=batch: iter([b]))))
+        data.append((batch, TaskData(items, num_steps, lambda batch_size=1, limit=None, b=batch: iter([b]))))
     model = method.prepare(model, 0, tasks[0], data[0][1])
     with torch.no_grad():  # a first task's update that is not zero, so that W_past (and O-LoRA's A's) are real
         for name, parameter in model.named_parameters():
             if parameter.requires_grad and "lora_B" in name:
                 parameter.normal_(0, 0.01)
+    method.after_step(model)  # its one optimiser step's hook (JumpLoRA's threshold follows the schedule)
     model = method.finish(model, 0, tasks[0], data[0][1])
     batch, second = data[1]
     model = method.prepare(model, 1, tasks[1], second)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
     times = {True: [], False: []}
-    for step in range(2 * steps + 2):
-        with_penalty = step % 2 == 0
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_mixed_precision("auto") == "bf16"):
-            nll, mask = answer_token_nll(model, batch)
-            loss = nll.sum() / mask.sum()
-        (loss + method.penalty(model) if with_penalty else loss).backward()
-        method.after_backward(model)
-        optimizer.step()
-        optimizer.zero_grad()
-        method.after_step(model)
-        if step >= 2:  # warm-up
-            times[with_penalty].append(time.perf_counter() - start)
+    with training_dropout(ProcessShare()):
+        for step in range(2 * steps + 2):
+            with_penalty = step % 2 == 0
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_mixed_precision("auto") == "bf16"):
+                nll, mask = answer_token_nll(model, batch)
+                loss = nll.sum() / mask.sum()
+            (loss + method.penalty(model) if with_penalty else loss).backward()
+            method.after_backward(model)
+            optimizer.step()
+            optimizer.zero_grad()
+            method.after_step(model)
+            if step >= 2:  # warm-up
+                times[with_penalty].append(time.perf_counter() - start)
     return {"step_seconds": statistics.median(times[True]),
             "penalty_ratio": statistics.median(a / b for a, b in zip(times[True], times[False])),
             "peak_rss_bytes": peak_memory()["bytes"]}
@@ -170,26 +178,7 @@ def step_table(rounds: int, steps: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Evaluation throughput
-
-
-def evaluation_throughput(examples: int) -> dict:
-    model, tokenizer = ella.load_model("smollm2-135m")
-    accelerator = make_accelerator(TrainingConfig())
-    out = {}
-    for name in ("dbpedia", "agnews"):
-        (task,) = ella.load_cl_benchmark(tasks=[name], train_per_task=1, test_per_task=examples)
-        encoder = TaskEncoder(tokenizer, task, 256, False)
-        for mode in ("generate", "rank"):
-            evaluate_task(model, tokenizer, task, encoder, mode, 16, accelerator)  # warm-up
-            start = time.perf_counter()
-            evaluate_task(model, tokenizer, task, encoder, mode, 16, accelerator)
-            out[f"{name} ({len(task.labels)} labels), {mode}"] = examples / (time.perf_counter() - start)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 4. Penalty error of the compressed representations, on real LoRA updates
+# 3. Penalty error of the compressed representations, on real LoRA updates
 
 
 def record_merged_updates(method) -> list[dict[str, LowRank]]:
@@ -273,10 +262,8 @@ def write_report(results: dict) -> None:
               "| peak memory (MB) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {label} | {v['step_seconds']:.3f} | {v['ratio_to_plain_lora']:.3f} | {v['penalty_ratio']:.3f} | "
               f"{megabytes(v['peak_rss_bytes'])} |" for label, v in steps.items()]
-    lines += ["", "## Evaluation throughput (examples per second)", "",
-              f"SmolLM2-135M, {PRECISION}, batch 16, the same test examples for both modes.", "",
-              "| task, mode | examples / s |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in results["evaluation_throughput"].items()]
+    lines += ["", "Evaluation throughput, against the machine's limit, is measured by `benchmarks/speed.py` "
+              "([speed.md](speed.md))."]
     errors = results["penalty_error"]["relative_error_after_task"]
     lines += ["", "## Penalty error of the compressed W_past", "",
               f"ELLA (dense W_past, λ = 3e4) trained through the Long Sequence benchmark, order "
@@ -317,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one round, fewer steps and examples")
     parser.add_argument("--probe", nargs=2, metavar=("METHOD", "HYPERPARAMETERS"), help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:  # the child process of the step table
         import transformers
@@ -325,7 +312,7 @@ def main() -> None:
         transformers.utils.logging.set_verbosity_error()
         print(json.dumps(step_probe(args.probe[0], json.loads(args.probe[1]), args.steps)))
         return
-    rounds, steps, examples, error_examples = (1, 3, 16, 16) if args.quick else (3, 6, 48, 32)
+    rounds, steps, error_examples = (1, 3, 16) if args.quick else (3, 4, 32)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {"machine": describe_hardware(hardware(torch.device("cpu"))), "date": time.strftime("%Y-%m-%d"),
                "rounds": rounds, "steps": steps, "penalty_error_order": "4", "penalty_error_examples": error_examples}
@@ -339,8 +326,6 @@ def main() -> None:
             assert value == results["state_bytes"]["SmolLM2-135M"][t][label], (label, t, value)
     print("state sizes done", file=sys.stderr)
     results["training_step"] = step_table(rounds, steps)
-    results["evaluation_throughput"] = evaluation_throughput(examples)
-    print("evaluation throughput done", file=sys.stderr)
     results["penalty_error"] = penalty_errors("4", error_examples)
     results["conclusion"] = conclusion(results)
     (RESULTS / "efficiency.json").write_text(json.dumps(results, indent=2))

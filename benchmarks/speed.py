@@ -260,36 +260,37 @@ def measure(rounds: int, tasks_used: int) -> dict:
     results = {"machine": machine(), "date": date.today().isoformat(), "rounds": rounds, "tasks": tasks_used}
     dtype = used_dtype()
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
-    override, results["mkl_override"] = mkl_override(Path(tempfile.mkdtemp()))
     step_shape = {"512x576x1536": MATMUL_SHAPES["512x576x1536"]}  # the other precision: one shape, for comparison
     results["matmul_dtypes"] = {"used": str(dtype).removeprefix("torch."), "other": str(other).removeprefix("torch.")}
-    products = {"used": ("matmul", None)}  # label -> (probe, environment), measured in every round
-    probes = {"ella": ("ella", None), "plain": ("plain", None)}
-    if override:
-        products["used, MKL override"] = ("matmul", override)
-        probes[OVERRIDDEN_ELLA] = ("ella", override)
-    measured = {label: [] for label in products}
-    runs = {label: [] for label in probes}
-    for r in range(rounds):
-        for label, (name, environment) in products.items():
-            measured[label].append(probe(name, tasks_used, environment))
-        for label, (name, environment) in probes.items():
-            runs[label].append(probe(name, tasks_used, environment))
-            print(f"round {r + 1}: {label} {runs[label][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
-    # each shape's best round: the machine's capacity, whatever else slowed one round down
-    results["matmul_flops_per_second"] = {label: {shape: max(m[shape] for m in rounds_measured)
-                                                  for shape in MATMUL_SHAPES}
-                                          for label, rounds_measured in measured.items()}
-    results["matmul_flops_per_second"]["other"] = matmul_throughput(other, 3, step_shape)
-    results["limit_flops_per_second"] = max(value for label, column in results["matmul_flops_per_second"].items()
-                                            if label != "other" for value in column.values())
-    results["training"] = runs
-    results["step_ratio"] = [e["step_seconds"] / p["step_seconds"] for e, p in zip(runs["ella"], runs["plain"])]
-    results["training_flops"] = probe("flops", tasks_used)
-    results["evaluation"] = {variant: probe(variant, tasks_used) for variant in EVAL_VARIANTS}
-    if override:
-        default = f"prefix cached, batch {EVAL_BATCH}"
-        results["evaluation"][f"{default}, MKL override"] = probe(default, tasks_used, override)
+    with tempfile.TemporaryDirectory() as scratch:  # the override's library, for the measurement's length
+        override, results["mkl_override"] = mkl_override(Path(scratch))
+        products = {"used": ("matmul", None)}  # label -> (probe, environment), measured in every round
+        probes = {"ella": ("ella", None), "plain": ("plain", None)}
+        if override:
+            products["used, MKL override"] = ("matmul", override)
+            probes[OVERRIDDEN_ELLA] = ("ella", override)
+        measured = {label: [] for label in products}
+        runs = {label: [] for label in probes}
+        for r in range(rounds):
+            for label, (name, environment) in products.items():
+                measured[label].append(probe(name, tasks_used, environment))
+            for label, (name, environment) in probes.items():
+                runs[label].append(probe(name, tasks_used, environment))
+                print(f"round {r + 1}: {label} {runs[label][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
+        # each shape's best round: the machine's capacity, whatever else slowed one round down
+        results["matmul_flops_per_second"] = {label: {shape: max(m[shape] for m in rounds_measured)
+                                                      for shape in MATMUL_SHAPES}
+                                              for label, rounds_measured in measured.items()}
+        results["matmul_flops_per_second"]["other"] = matmul_throughput(other, 3, step_shape)
+        results["limit_flops_per_second"] = max(value for label, column in results["matmul_flops_per_second"].items()
+                                                if label != "other" for value in column.values())
+        results["training"] = runs
+        results["step_ratio"] = [e["step_seconds"] / p["step_seconds"] for e, p in zip(runs["ella"], runs["plain"])]
+        results["training_flops"] = probe("flops", tasks_used)
+        results["evaluation"] = {variant: probe(variant, tasks_used) for variant in EVAL_VARIANTS}
+        if override:
+            default = f"prefix cached, batch {EVAL_BATCH}"
+            results["evaluation"][f"{default}, MKL override"] = probe(default, tasks_used, override)
     return results
 
 
