@@ -103,7 +103,14 @@ def measured_state_bytes(shapes: list[tuple[int, int]], tasks: int) -> dict[str,
 # 2. One training step per method (each in its own process: time and peak memory)
 
 
-def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
+def step_probes() -> dict[str, tuple[str, dict]]:
+    """label -> (method, hyper-parameters): ``STEP_METHODS``, then every other registered method at its defaults."""
+    return {**STEP_METHODS, **{name: (name, {}) for name in sorted(METHODS)
+                               if name not in ("inclora", "seqlora", "ella")}}
+
+
+def step_probe(method_name: str, hyperparameters: dict, steps: int, model_name: str = "smollm2-135m",
+               max_length: int = 128) -> dict:
     """Step time of ``method`` on a fixed batch (8 x 128 tokens) during its second task, and the peak RSS; the
     engine's dropout (``training_dropout``), so the step is the one ``train_task`` takes.
 
@@ -111,9 +118,9 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
     in the same process on the same batch (the ratio of each step to its neighbour without the penalty).
     """
     torch.manual_seed(0)
-    model, tokenizer = ella.load_model("smollm2-135m")
+    model, tokenizer = ella.load_model(model_name)
     tasks = ella.load_cl_benchmark(tasks=["dbpedia", "agnews"], train_per_task=8, test_per_task=1)
-    sequence = [TaskEncoder(tokenizer, task, 128, False).training(task.train) for task in tasks]
+    sequence = [TaskEncoder(tokenizer, task, max_length, False).training(task.train) for task in tasks]
     method = get_method(method_name, **hyperparameters)
     method.setup(model, tasks)
     data = []
@@ -155,10 +162,7 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
 def step_table(rounds: int, steps: int) -> dict:
     """Every method's step in its own process, methods interleaved round by round; ratios to the plain LoRA step
     of the same round, so that the machine's drift cancels."""
-    probes = dict(STEP_METHODS)
-    for name in sorted(METHODS):
-        if name not in ("inclora", "seqlora", "ella"):
-            probes[name] = (name, {})
+    probes = step_probes()
     runs: dict[str, list[dict]] = {label: [] for label in probes}
     for round_index in range(rounds):
         for label, (method_name, hyperparameters) in probes.items():

@@ -1,0 +1,28 @@
+"""The benchmark scripts still run against ella's current API: each of their probes once, on the tiny model (the
+committed figures come from SmolLM2; nothing here is timed)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+efficiency = load_script("efficiency")
+
+
+@pytest.mark.parametrize("label", list(efficiency.step_probes()))
+def test_every_efficiency_step_probe_runs(label, data_dir):
+    method, hyperparameters = efficiency.step_probes()[label]
+    # the tiny model's tokenizer is byte-level: the prompts need more positions than SmolLM2's 128 tokens
+    result = efficiency.step_probe(method, hyperparameters, steps=1, model_name="tiny-causal", max_length=1024)
+    assert result["step_seconds"] > 0 and math.isfinite(result["penalty_ratio"]) and result["peak_rss_bytes"] > 0
