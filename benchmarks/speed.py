@@ -48,7 +48,7 @@ from ella.methods.lora import LoraHyperparameters
 from ella.provenance import cpu_name, describe_hardware, hardware
 
 RESULTS = Path(__file__).parent / "results"
-MAX_LENGTH, BATCH, TRAIN_EXAMPLES = 256, 8, 32  # 4 optimiser steps per task
+MODEL, MAX_LENGTH, BATCH, TRAIN_EXAMPLES = "smollm2-135m", 256, 8, 32  # 4 optimiser steps per task
 EVAL_EXAMPLES, EVAL_BATCH = 48, EvaluationConfig().batch_size
 
 
@@ -114,7 +114,7 @@ def matmul_throughput(dtype: torch.dtype, repeats: int, shapes: dict) -> dict:
 def training_data(tasks_used: int):
     # the same LoRA initialisation and dropout masks in every round (the process's own seed varies)
     torch.manual_seed(0)
-    model, tokenizer = ella.load_model("smollm2-135m")
+    model, tokenizer = ella.load_model(MODEL)
     tasks = ella.load_cl_benchmark("standard", 1, train_per_task=TRAIN_EXAMPLES, test_per_task=1)[:tasks_used]
     items = [TaskEncoder(tokenizer, task, MAX_LENGTH, False).training(task.train) for task in tasks]
     return model, tokenizer, tasks, items
@@ -215,7 +215,7 @@ EVAL_VARIANTS = {  # label -> (shared prefix, batch size); FLOPs are counted for
 def evaluation(variant: str) -> dict:
     """Examples per second of both modes on dbpedia (14 labels) and agnews (4); with the FLOPs they count."""
     shared_prefix, batch_size = EVAL_VARIANTS[variant]
-    model, tokenizer = ella.load_model("smollm2-135m")
+    model, tokenizer = ella.load_model(MODEL)
     accelerator = make_accelerator(TrainingConfig())
     out = {}
     for name in ("dbpedia", "agnews"):
