@@ -31,6 +31,7 @@ from ella.methods.w_past import LowRank, PastUpdates
 from ella.provenance import describe_hardware, hardware
 
 RESULTS = Path(__file__).parent / "results"
+MODEL, STEP_MAX_LENGTH = "smollm2-135m", 128  # the measured model; the step probe's prompts: 8 x at most 128 tokens
 TASK_COUNTS = (1, 4, 15, 100)
 RANK = 8  # LoRA rank of the papers
 SVD_RANKS = (8, 16, 32, 64)
@@ -105,12 +106,11 @@ def measured_state_bytes(shapes: list[tuple[int, int]], tasks: int) -> dict[str,
 
 def step_probes() -> dict[str, tuple[str, dict]]:
     """label -> (method, hyper-parameters): ``STEP_METHODS``, then every other registered method at its defaults."""
-    return {**STEP_METHODS, **{name: (name, {}) for name in sorted(METHODS)
-                               if name not in ("inclora", "seqlora", "ella")}}
+    listed = {method for method, _ in STEP_METHODS.values()}
+    return {**STEP_METHODS, **{name: (name, {}) for name in sorted(METHODS) if name not in listed}}
 
 
-def step_probe(method_name: str, hyperparameters: dict, steps: int, model_name: str = "smollm2-135m",
-               max_length: int = 128) -> dict:
+def step_probe(method_name: str, hyperparameters: dict, steps: int) -> dict:
     """Step time of ``method`` on a fixed batch (8 x 128 tokens) during its second task, and the peak RSS; the
     engine's dropout (``training_dropout``), so the step is the one ``train_task`` takes.
 
@@ -118,9 +118,9 @@ def step_probe(method_name: str, hyperparameters: dict, steps: int, model_name: 
     in the same process on the same batch (the ratio of each step to its neighbour without the penalty).
     """
     torch.manual_seed(0)
-    model, tokenizer = ella.load_model(model_name)
+    model, tokenizer = ella.load_model(MODEL)
     tasks = ella.load_cl_benchmark(tasks=["dbpedia", "agnews"], train_per_task=8, test_per_task=1)
-    sequence = [TaskEncoder(tokenizer, task, max_length, False).training(task.train) for task in tasks]
+    sequence = [TaskEncoder(tokenizer, task, STEP_MAX_LENGTH, False).training(task.train) for task in tasks]
     method = get_method(method_name, **hyperparameters)
     method.setup(model, tasks)
     data = []
@@ -203,7 +203,7 @@ def record_merged_updates(method) -> list[dict[str, LowRank]]:
 def penalty_errors(order: str, examples: int) -> dict:
     """Train ELLA through the Long Sequence benchmark (order ``order``, ``examples`` per task); after each task t,
     compare the penalty of task t+1's update under each representation of W_past with the dense value."""
-    model, tokenizer = ella.load_model("smollm2-135m")
+    model, tokenizer = ella.load_model(MODEL)
     tasks = ella.load_cl_benchmark("long", order, train_per_task=examples, test_per_task=1)
     training = TrainingConfig(batch_size=8, max_length=256, warmup_ratio=0.0)
     accelerator = make_accelerator(training)

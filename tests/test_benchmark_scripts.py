@@ -21,10 +21,12 @@ efficiency, speed = load_script("efficiency"), load_script("speed")
 
 
 @pytest.mark.parametrize("label", list(efficiency.step_probes()))
-def test_every_efficiency_step_probe_runs(label, data_dir):
-    method, hyperparameters = efficiency.step_probes()[label]
+def test_every_efficiency_step_probe_runs(label, data_dir, monkeypatch):
     # the tiny model's tokenizer is byte-level: the prompts need more positions than SmolLM2's 128 tokens
-    result = efficiency.step_probe(method, hyperparameters, steps=1, model_name="tiny-causal", max_length=1024)
+    monkeypatch.setattr(efficiency, "MODEL", "tiny-causal")
+    monkeypatch.setattr(efficiency, "STEP_MAX_LENGTH", 1024)
+    method, hyperparameters = efficiency.step_probes()[label]
+    result = efficiency.step_probe(method, hyperparameters, steps=1)
     assert result["step_seconds"] > 0 and math.isfinite(result["penalty_ratio"]) and result["peak_rss_bytes"] > 0
 
 
