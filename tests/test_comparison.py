@@ -8,9 +8,9 @@ from ella import EllaError
 from ella.comparison import bootstrap_interval, pair_runs, paired_difference, t_975, t_interval, verdict
 
 
-def run(label, order, seed, matrix, example_scores=None):
+def run(label, order, seed, matrix, example_scores=None, tasks=("dbpedia", "amazon")):
     return {"label": label, "run": {"order": order, "seed": seed}, "accuracy_matrix": matrix,
-            "example_scores": example_scores}
+            "example_scores": example_scores, "tasks": list(tasks[:len(matrix)])}
 
 
 def test_t_quantiles_match_the_tables():
@@ -81,6 +81,19 @@ def test_bootstrap_interval_covers_the_observed_difference_and_is_reproducible()
     assert low < 15.0 < high and low < high  # observed OA difference (60 + 100)/2 - (30 + 100)/2 = 15
     assert interval == bootstrap_interval([(a, b)])
     assert bootstrap_interval([(run("a", 1, 42, [[1.0]]), b)]) is None  # no per-example scores recorded
+
+
+def test_bootstrap_draws_a_test_sample_once_for_every_pair_tested_on_it():
+    """Orders 1 and 2 of seed 42 test dbpedia on the same examples: a resample draws them once for both pairs.
+    Here a beats b by 100 on examples 0 and 2 in order 1 and loses by as much in order 2, so every resample's mean
+    difference is 0; at two seeds (two samples, drawn apart) it is not."""
+    wins, zeros = [[[100.0, 0.0, 100.0, 0.0]]], [[[0.0] * 4]]
+    pairs = [(run("a", 1, 42, [[50.0]], wins, ["dbpedia"]), run("b", 1, 42, [[0.0]], zeros, ["dbpedia"])),
+             (run("a", 2, 42, [[0.0]], zeros, ["dbpedia"]), run("b", 2, 42, [[50.0]], wins, ["dbpedia"]))]
+    assert bootstrap_interval(pairs)["OA"] == pytest.approx((0.0, 0.0))
+    pairs[1][0]["run"]["seed"] = pairs[1][1]["run"]["seed"] = 43
+    low, high = bootstrap_interval(pairs)["OA"]
+    assert low < 0.0 < high
 
 
 def test_an_equal_result_is_said_so():

@@ -4,11 +4,14 @@ confidence intervals, two ways:
 - over runs: the runs of both methods at one (order, seed) saw the same training and test examples, so their
   difference is one paired observation; the interval is Student's t over those differences (mean ± t · s / √n,
   n − 1 degrees of freedom). It covers what varies between seeds and orders: the examples drawn, the
-  initialisation, dropout, the task order. With a single pair there is no interval.
-- over test examples: a paired bootstrap. Each resample redraws, with replacement, every task's test examples of
-  every pair (the same draw for both methods and for every cell of the task: its a[j][j] and its final a[N-1][j]),
-  and recomputes the mean difference; the interval is the resamples' 2.5th and 97.5th percentiles. It covers the
-  finite test set only (the trained models fixed), so it is narrower when a few seeds hide much seed-to-seed spread.
+  initialisation, dropout, the task order. With a single pair there is no interval. The
+  pairs are taken as independent, though the orders of one seed share that seed's examples (each task's sample
+  depends on the seed and the task, not on the order).
+- over test examples: a paired bootstrap. Each resample redraws, with replacement, every task's test examples (the
+  same draw for both methods, for every cell of the task: its a[j][j] and its final a[N-1][j], and for every pair
+  tested on that sample: the orders of a seed test a task on the same examples) and recomputes the mean
+  difference; the interval is the resamples' 2.5th and 97.5th percentiles. It covers the finite test set only (the
+  trained models fixed), so it is narrower when a few seeds hide much seed-to-seed spread.
 
 A difference is called significant when the interval over runs excludes 0 (over test examples where there is
 only one pair).
@@ -70,6 +73,13 @@ def bootstrap_interval(pairs: list[tuple[dict, dict]]) -> dict[str, tuple[float,
     if not scores or any(a is None or b is None for a, b in scores):
         return None
     generator = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = {}  # (task, seed, examples) -> the resamples' example indices: one draw per test sample
+
+    def drawn(task: str, seed, n: int) -> np.ndarray:
+        if (task, seed, n) not in draws:
+            draws[task, seed, n] = generator.integers(0, n, (BOOTSTRAP_RESAMPLES, n))
+        return draws[task, seed, n]
+
     oa, bwt = np.zeros(BOOTSTRAP_RESAMPLES), np.zeros(BOOTSTRAP_RESAMPLES)
     for ((final_a, diagonal_a), (final_b, diagonal_b)), (run_a, run_b) in zip(scores, pairs):
         n = len(final_a)
@@ -82,9 +92,9 @@ def bootstrap_interval(pairs: list[tuple[dict, dict]]) -> dict[str, tuple[float,
                             "one protocol together")
         task_final, task_diagonal = np.zeros((BOOTSTRAP_RESAMPLES, n)), np.zeros((BOOTSTRAP_RESAMPLES, n))
         for j in range(n):
-            draws = generator.integers(0, len(final_a[j]), (BOOTSTRAP_RESAMPLES, len(final_a[j])))
-            task_final[:, j] = (final_a[j][draws] - final_b[j][draws]).mean(1)
-            task_diagonal[:, j] = (diagonal_a[j][draws] - diagonal_b[j][draws]).mean(1)
+            indices = drawn(run_a["tasks"][j], run_a["run"].get("seed"), len(final_a[j]))
+            task_final[:, j] = (final_a[j][indices] - final_b[j][indices]).mean(1)
+            task_diagonal[:, j] = (diagonal_a[j][indices] - diagonal_b[j][indices]).mean(1)
         oa += task_final.mean(1)
         bwt += (task_final[:, :-1] - task_diagonal[:, :-1]).mean(1) if n > 1 else 0.0
     oa, bwt = oa / len(scores), bwt / len(scores)
