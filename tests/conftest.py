@@ -39,6 +39,15 @@ def toy_tasks(n_train: int = 12, n_test: int = 6) -> list[Task]:
     return [first, second]
 
 
+def one_label_task(name: str, labels: list[str], taught: str) -> Task:
+    """Trained on one label only; tested on 4 examples of it and 1 of the other: the tiny model's accuracy moves
+    between 20 and 80 as the tasks teach and overwrite their labels."""
+    other = next(label for label in labels if label != taught)
+    return Task(name, [Example(f"{name} {i}", taught) for i in range(16)],
+                [Example(f"{name} t{i}", taught if i < 4 else other) for i in range(5)], labels=labels,
+                prefix=f"{name}? ")
+
+
 @pytest.fixture
 def tasks() -> list[Task]:
     return toy_tasks()

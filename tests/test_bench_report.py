@@ -216,6 +216,13 @@ def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_pat
             # every cell's per-example scores (2 test examples), what the paired bootstrap resamples
             assert [[len(cell) for cell in row] for row in record["example_scores"]] == [[2] * 4] * 4
             assert [[sum(cell) / 2 for cell in row] for row in record["example_scores"]] == record["accuracy_matrix"]
+    # the first run measured the zero-shot row, the others read it: the same accuracy for each task
+    first = json.loads((root / "inclora" / "order1-seed42" / "results.json").read_text())
+    assert "zero_shot_reused_from" not in first and len(list((root / "zero_shot_cache").glob("*.json"))) == 4
+    for label, order in (("inclora", 2), ("ella", 1), ("ella", 2)):
+        record = json.loads((root / label / f"order{order}-seed42" / "results.json").read_text())
+        assert record["zero_shot_reused_from"] == {task: "…/order1-seed42" for task in first["tasks"]}
+        assert dict(zip(record["tasks"], record["zero_shot"])) == dict(zip(first["tasks"], first["zero_shot"]))
     text = report.read_text()
     assert "| inclora |" in text and "| ella |" in text and "OA (order 1)" in text and "OA avg" in text
     paired_section = text.split("## Paired differences against ella")[1].split("\n## ")[0]

@@ -9,24 +9,14 @@ from accelerate.state import AcceleratorState, GradientState
 
 from ella import EllaError, EvaluationConfig, RunSpec, TrainingConfig, get_method, run_sequence
 from ella.cli import main
-from ella.data import Example, Task
 from ella.engine import SequenceResult
 from ella.models import tiny_model
 from ella.report import format_matrix
 
-from conftest import with_crash_in_second_task
+from conftest import one_label_task, with_crash_in_second_task
 
 TRAINING = TrainingConfig(batch_size=4, learning_rate=3e-2, warmup_ratio=0.0, mixed_precision="no", max_length=64)
 REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def one_label_task(name: str, labels: list[str], taught: str) -> Task:
-    """Trained on one label only; tested on 4 examples of it and 1 of the other: the tiny model's accuracy moves
-    between 20 and 80 as the tasks teach and overwrite their labels."""
-    other = next(label for label in labels if label != taught)
-    return Task(name, [Example(f"{name} {i}", taught) for i in range(16)],
-                [Example(f"{name} t{i}", taught if i < 4 else other) for i in range(5)], labels=labels,
-                prefix=f"{name}? ")
 
 
 def run(schedule: str, output_dir: Path | None = None, resume: bool = False) -> SequenceResult:

@@ -41,7 +41,10 @@ of them)::
     orders = [1, 2, 3]
     seeds = [42, 43, 44]
 
-A run that is complete is not repeated and an interrupted one is resumed (both only if their settings still match
+The runs share the zero-shot row: a task's zero-shot accuracy is measured by the first run that needs it and
+read by the others from ``<output_dir>/zero_shot_cache`` (see ``ella.zero_shot_cache``; the runs at one seed
+evaluate the same base model on the same test examples). A run that is complete is not repeated and an interrupted
+one is resumed (both only if their settings still match
 the suite's), so re-running the suite after a crash picks up where it stopped. At the end the suite's table is
 printed and the report written (see ``ella.report``).
 """
@@ -66,6 +69,7 @@ from .provenance import portable_path
 from .report import SELECTION, write_report
 from .runspec import RunSpec
 
+ZERO_SHOT_CACHE = "zero_shot_cache"  # in the output directory: the runs' zero-shot accuracies, each measured once
 SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep", "select",
               "selected", "data_dir", "dtype"}
 
@@ -200,8 +204,8 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     if not variants:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
-              **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, **options,
-              "command": f"ella bench {portable_path(path.absolute())}"}
+              **{k: suite[k] for k in ("data_dir", "dtype") if k in suite}, "zero_shot_cache": root / ZERO_SHOT_CACHE,
+              **options, "command": f"ella bench {portable_path(path.absolute())}"}
 
     def suite_run(label: str, method: str, hyperparameters: dict, own: dict, order: int, seed: int,
                   after_selection: bool = False) -> SuiteRun:

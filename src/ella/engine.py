@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from . import checkpoint, metrics, provenance
+from . import checkpoint, metrics, provenance, zero_shot_cache
 from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task, scoring_description
@@ -129,6 +129,9 @@ class SequenceResult:
     # example_scores[i][j]: the per-example scores behind matrix[i][j] (None where not measured), in the order of
     # the task's test examples: the same examples for every method at one seed, so differences can be bootstrapped
     example_scores: list[list[list[float] | None]] = field(default_factory=list)
+    # task -> the run that measured its zero-shot accuracy, for the tasks whose accuracy a cache gave (see
+    # ella.zero_shot_cache); empty when this run measured them all
+    zero_shot_reused: dict[str, str | None] = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, record: dict) -> "SequenceResult":
@@ -138,7 +141,8 @@ class SequenceResult:
                    task_metrics={d["name"]: d["metric"] for d in record.get("task_details", [])},
                    validation=record.get("validation", {}).get("accuracy", []),
                    # records made before 0.5 have none
-                   example_scores=record.get("example_scores") or [[None] * len(r) for r in record["accuracy_matrix"]])
+                   example_scores=record.get("example_scores") or [[None] * len(r) for r in record["accuracy_matrix"]],
+                   zero_shot_reused=record.get("zero_shot_reused_from", {}))
 
     @classmethod
     def continued(cls, record: dict, tasks: list[Task], eval_mode: str) -> "SequenceResult":
@@ -149,7 +153,7 @@ class SequenceResult:
         return cls([task.name for task in tasks], eval_mode, None if old.zero_shot is None else old.zero_shot + pad,
                    [row + pad for row in old.matrix], old.task_logs, old.eval_seconds, old.seconds,
                    task_metrics={task.name: task.metric for task in tasks},
-                   example_scores=[row + pad for row in old.example_scores])
+                   example_scores=[row + pad for row in old.example_scores], zero_shot_reused=old.zero_shot_reused)
 
     @property
     def complete(self) -> bool:
@@ -207,6 +211,7 @@ class SequenceResult:
             "accuracy_matrix": self.matrix,
             "metrics": self.metrics(),
             "fwt_reference": "zero-shot accuracy of the base model before any training",
+            **({"zero_shot_reused_from": self.zero_shot_reused} if self.zero_shot_reused else {}),
             **({"metrics_cells": cells} if (cells := self.metrics_cells()) else {}),
             "task_logs": self.task_logs,
             "eval_seconds": self.eval_seconds,
@@ -450,6 +455,38 @@ def evaluate_sequence(model, tokenizer, tasks: list[Task], encoders: list[TaskEn
     return scores
 
 
+def zero_shot_row(model, tokenizer, tasks: list[Task], encoders: list[TaskEncoder], evaluation: EvaluationConfig,
+                  accelerator: Accelerator, cache_dir: Path | None,
+                  output_dir: Path | None) -> tuple[list[float], dict[str, str | None]]:
+    """Every task's accuracy before training, and the tasks whose accuracy ``cache_dir`` gave, with the run that
+    measured it (see ``ella.zero_shot_cache``: an accuracy measured earlier in the same conditions is read, the
+    others are measured and kept there)."""
+    found: list[dict | None] = [None] * len(tasks)
+    keys: list[str] = []
+    if cache_dir is not None and accelerator.is_main_process:
+        settings = {"mode": evaluation.mode, "batch_size": evaluation.batch_size,
+                    "max_new_tokens": evaluation.max_new_tokens, "mixed_precision": accelerator.mixed_precision,
+                    "device": accelerator.device.type, "processes": accelerator.num_processes,
+                    "hardware": provenance.hardware(accelerator.device), "versions": versions()}
+        keys = zero_shot_cache.task_keys(model, tokenizer, tasks, encoders, settings)
+        found = [zero_shot_cache.read(cache_dir, key) for key in keys]
+    found = broadcast_object_list([found])[0]  # every process measures the same tasks
+    missing = [j for j, entry in enumerate(found) if entry is None]
+    scores = evaluate_sequence(model, tokenizer, [tasks[j] for j in missing], [encoders[j] for j in missing],
+                               evaluation, accelerator, "zero-shot") if missing else []
+    row = [None if entry is None else entry["accuracy"] for entry in found]
+    for j, score in zip(missing, scores):
+        row[j] = score.accuracy
+        if cache_dir is not None and accelerator.is_main_process:
+            zero_shot_cache.write(cache_dir, keys[j], tasks[j].name, score.accuracy,
+                                  None if output_dir is None else provenance.portable_path(output_dir))
+    reused = {tasks[j].name: entry["measured_in"] for j, entry in enumerate(found) if entry is not None}
+    if reused and accelerator.is_local_main_process:
+        tqdm.write("zero-shot, measured in earlier runs: " + "  ".join(
+            f"{tasks[j].name} {row[j]:.1f} ({found[j]['measured_in']})" for j in range(len(tasks)) if found[j]))
+    return row, reused
+
+
 def evaluate_validation(model, tokenizer, tasks: list[Task], encoders: list[TaskEncoder], evaluation: EvaluationConfig,
                         accelerator: Accelerator, t: int) -> list[float | None]:
     """Row ``t`` of the validation matrix: task t's own validation sample, and after the last task every task's (what
@@ -480,7 +517,7 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  training: TrainingConfig | None = None, evaluation: EvaluationConfig | None = None,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
                  accelerator: Accelerator | None = None, resume: bool = False, overwrite: bool = False,
-                 previous=None):
+                 previous=None, zero_shot_cache_dir: str | Path | None = None):
     """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
 
     With ``output_dir``, every finished task is committed there (see ``ella.checkpoint``), so a crash loses at
@@ -490,6 +527,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
 
     ``previous`` (an ``ella.continuation.PreviousRun``) continues a finished run: ``tasks`` start with its tasks,
     ``model`` is its saved model; its rows are kept, and training goes on at the first new task.
+
+    ``zero_shot_cache_dir``: zero-shot accuracies measured by earlier runs in the same conditions are read there
+    instead of measured again, and the ones this run measures are kept there (see ``ella.zero_shot_cache``).
     """
     training, evaluation = training or TrainingConfig(), evaluation or EvaluationConfig()
     if not tasks:
@@ -547,8 +587,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         result = SequenceResult([task.name for task in tasks], evaluation.mode,
                                 task_metrics={task.name: task.metric for task in tasks})
         if evaluation.zero_shot:
-            scores = evaluate_sequence(model, tokenizer, tasks, encoders, evaluation, accelerator, "zero-shot")
-            result.zero_shot = [score.accuracy for score in scores]
+            result.zero_shot, result.zero_shot_reused = zero_shot_row(
+                model, tokenizer, tasks, encoders, evaluation, accelerator,
+                None if zero_shot_cache_dir is None else Path(zero_shot_cache_dir), output_dir)
     for t in range(len(result.matrix), len(tasks)):
         task = tasks[t]
         items = method.training_items(t, sequence)

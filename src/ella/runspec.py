@@ -106,6 +106,10 @@ class RunSpec:
                                         "evaluation")
     no_zero_shot: bool = option(False, "skip evaluating the base model before training (FWT is then not reported)",
                                 "evaluation")
+    zero_shot_cache: Path | None = option(None, "a directory of zero-shot accuracies: a task's accuracy measured by "
+                                          "an earlier run with the same base model, test examples and evaluation "
+                                          "settings is read there instead of measured again, and this run's are "
+                                          "kept there (`ella bench` keeps one per suite)", "evaluation")
     eval_schedule: str = option("full", "which tasks are evaluated after each task: "
                                 + "; ".join(f"{k}: {v}" for k, v in EVAL_SCHEDULES.items())
                                 + ". Unevaluated cells are null; the zero-shot row is always full", "evaluation")
@@ -267,7 +271,8 @@ def run(spec: RunSpec):
                         continued_from=portable_path(spec.continue_run), task_sources=previous.task_sources() + [added])
         tasks = learnt + tasks
     model, result = run_sequence(model, tokenizer, tasks, method, training, evaluation, output_dir, run_info,
-                                 accelerator, resume=spec.resume, overwrite=spec.overwrite, previous=previous)
+                                 accelerator, resume=spec.resume, overwrite=spec.overwrite, previous=previous,
+                                 zero_shot_cache_dir=spec.zero_shot_cache)
     rng = rng_state()  # the end of the run, where a continuation of it goes on
     # where each part's sequence file lies here (results.json records it portably), for continuing this run
     sequence_files = (previous.sequence_files() if previous else []) + \
