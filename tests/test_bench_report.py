@@ -9,6 +9,7 @@ from ella import EllaError
 from ella import RunSpec
 from ella.bench import load_suite, run_suite, select_settings
 from ella.cli import main
+from ella.report import cost_table
 
 SUITE = """
 output_dir = "suite"
@@ -253,6 +254,17 @@ def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_pat
     with pytest.raises(EllaError, match="the run ella, order 1, seed 42 stopped"):
         run_suite(path)
     assert "other settings (method differ" in capfd.readouterr().err
+
+
+def test_cost_per_run_is_the_median_over_a_methods_runs():
+    """A run slowed or paused (here 5000 s in all) does not move the median of 100, 110 and 5000 s."""
+    def run(total, train, evaluation, megabytes):
+        return {"label": "ella", "task_logs": [{"train_seconds": train}], "eval_seconds": [evaluation],
+                "total_seconds": total, "peak_memory": {"bytes": megabytes * 2 ** 20}, "method_state_bytes": 2 ** 20}
+
+    header, rows = cost_table([run(100, 60, 30, 2000), run(110, 70, 25, 2100), run(5000, 4000, 900, 2200)])
+    assert header[:5] == ["method", "runs", "train (s)", "evaluation (s)", "total (s)"]
+    assert rows == [["ella", "3", "70", "30", "110", "2,100", "1.00"]]
 
 
 def test_report_command_on_one_run(sequence_file, tmp_path, capsys):

@@ -9,7 +9,7 @@ import html
 import io
 import json
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean, median, stdev
 
 from .checkpoint import RESULTS
 from .comparison import paired_difference, verdict
@@ -171,16 +171,18 @@ def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Per method, averaged over its runs: training and evaluation time, peak memory, CL state kept."""
-    header = ["method", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
+    """Per method, the median over its runs (a run slowed by other work on the machine, or paused and resumed,
+    does not move it) of the training and evaluation time, the whole run's time (the zero-shot row included, where
+    the run measured it), peak memory and the CL state kept."""
+    header = ["method", "runs", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
     rows = []
     for label, group in _by(runs, lambda r: r["label"]).items():
-        state = [r.get("method_state_bytes", 0) for r in group]
-        rows.append([label, f"{mean(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
-                     f"{mean(sum(r['eval_seconds']) for r in group):.0f}",
-                     f"{mean(r['total_seconds'] for r in group):.0f}",
-                     f"{mean(r['peak_memory']['bytes'] for r in group) / 2 ** 20:,.0f}",
-                     f"{mean(state) / 2 ** 20:.2f}"])
+        rows.append([label, str(len(group)),
+                     f"{median(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
+                     f"{median(sum(r['eval_seconds']) for r in group):.0f}",
+                     f"{median(r['total_seconds'] for r in group):.0f}",
+                     f"{median(r['peak_memory']['bytes'] for r in group) / 2 ** 20:,.0f}",
+                     f"{median(r.get('method_state_bytes', 0) for r in group) / 2 ** 20:.2f}"])
     return header, rows
 
 
@@ -362,7 +364,8 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     output_dir.mkdir(parents=True, exist_ok=True)
     results = results_table(runs)
     tables = [("Hyper-parameters selected by validation", selection_table(selection)) for selection in selections]
-    tables += [("Results (the papers' form; ± is the spread over seeds)", results), ("Cost per run", cost_table(runs))]
+    tables += [("Results (the papers' form; ± is the spread over seeds)", results),
+               ("Cost per run (medians over a method's runs)", cost_table(runs))]
     notes = {}  # title -> paragraphs under its table
     # a selection suite's runs are labelled by setting: the reference method is its selected setting
     reference = next((choice["selected"] for selection in selections
