@@ -4,10 +4,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ella import EllaError
 from ella import RunSpec
-from ella.bench import load_suite, run_suite, select_settings
+from ella.bench import job_environment, load_suite, run_suite, select_settings
 from ella.cli import main
 from ella.report import cost_table
 
@@ -176,10 +177,28 @@ def test_selection_takes_the_highest_mean_validation_oa_and_the_first_of_equals(
     assert (selection["validation_per_task"], selection["orders"], selection["seeds"]) == (2, [None], [1, 2])
 
 
+def test_each_job_gets_its_share_of_the_threads_and_a_gpu_where_there_is_one_per_job(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert job_environment(0, 2)["OMP_NUM_THREADS"] == "2" and job_environment(0, 8)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert [job_environment(slot, 2)["CUDA_VISIBLE_DEVICES"] for slot in (0, 1)] == ["3", "5"]
+    assert job_environment(1, 3)["CUDA_VISIBLE_DEVICES"] == "3,5"  # fewer GPUs than jobs: the runs share them
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert job_environment(1, 2)["CUDA_VISIBLE_DEVICES"] == "1"
+
+
 @pytest.mark.slow  # each run is a process of its own
-def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(tmp_path, data_dir):
-    report = run_suite(write_suite(tmp_path, data_dir, SELECT_SUITE + "\n[selected]\nseeds = [42, 43]\n"))
+def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(tmp_path, data_dir, capfd):
+    """Run two at a time (--jobs 2), each run's output in a log of its own."""
+    path = write_suite(tmp_path, data_dir, SELECT_SUITE + "\n[selected]\nseeds = [42, 43]\n")
+    report = run_suite(path, jobs=2)
     root = tmp_path / "suite"
+    assert len(list((root / "logs").glob("*.log"))) == 6
+    assert "OA" in (root / "logs" / "ella-lam1.0-tasks-seed42.log").read_text()
+    out = capfd.readouterr().out
+    assert out.count(": starting (output: ") == 6 and out.count(": done") == 6
     selection = json.loads((root / "selection.json").read_text())
     for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]), ("ella", ["ella-lam1.0", "ella-lam100.0"])):
         records = [json.loads((root / label / "tasks-seed42" / "results.json").read_text()) for label in labels]
@@ -203,6 +222,14 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     assert selection["selected_settings_on"] == {"orders": [None], "seeds": [42, 43]}
     assert "a tie goes to the setting listed first" in text
     assert "2 training, 2 validation (in the selection's runs) and 2 test examples" in text
+
+    # a run that fails stops the suite once the running ones end, and says where its output is
+    broken = root / "inclora-lr0.1" / "tasks-seed42" / "results.json"
+    broken.write_text(broken.read_text().replace('"status": "complete"', '"status": "running"'))
+    with pytest.raises(EllaError, match=r"the run inclora-lr0.1, the named tasks, seed 42 stopped \(exit status 2; its "
+                                        r"message ends its output, .*inclora-lr0.1-tasks-seed42.log\)"):
+        run_suite(path, jobs=2)
+    assert "unfinished run without its saved progress" in (root / "logs" / "inclora-lr0.1-tasks-seed42.log").read_text()
 
 
 @pytest.mark.slow  # each run is a process of its own

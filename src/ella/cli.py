@@ -97,9 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="run methods x orders x seeds from a suite file, then write the table and the report",
         description="Run every run of a suite file (TOML: methods, orders, seeds, sweeps or grids chosen by "
-                    "validation ([select]), shared `ella run` options; format in the README) one after another. Finished runs are skipped and interrupted "
-                    "ones resumed, so the same command continues a suite after a crash.")
+                    "validation ([select]), shared `ella run` options; format in the README), one after another or "
+                    "--jobs at a time. Finished runs are skipped and interrupted ones resumed, so the same command "
+                    "continues a suite after a crash.")
     bench.add_argument("suite", type=Path, help="the suite file, e.g. benchmarks/standard_smollm2.toml")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="runs at once, each with its share of the CPU threads and, where there are as many GPUs, "
+                            "a GPU of its own; their output goes to OUTPUT_DIR/logs/ (default: 1, one after another, "
+                            "output here)")
     bench.set_defaults(handler=command_bench)
 
     report = commands.add_parser(
@@ -133,7 +138,7 @@ def command_methods(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    print(f"report: {run_suite(args.suite)}")
+    print(f"report: {run_suite(args.suite, args.jobs)}")
     return 0
 
 

@@ -21,7 +21,8 @@ COMPARISON_NOTE = ("Each difference is a method's run minus the reference's at t
                    "examples). 'runs': Student's t over those paired differences (seeds and orders vary; the pairs "
                    "taken as independent, though the orders of a seed share its examples); 'test examples': a paired "
                    "bootstrap over each task's test examples, drawn once for every pair tested on them (2000 "
-                   "resamples; the trained models fixed). Significant: the interval over runs excludes 0 (over test examples with one pair).")
+                   "resamples; the trained models fixed). Significant: the interval over runs excludes 0 (over test "
+                   "examples with one pair).")
 SELECTION = "selection.json"  # in a suite's output directory: which setting of each grid validation chose (bench.py)
 
 
