@@ -230,6 +230,8 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
                                         r"message ends its output, .*inclora-lr0.1-tasks-seed42.log\)"):
         run_suite(path, jobs=2)
     assert "unfinished run without its saved progress" in (root / "logs" / "inclora-lr0.1-tasks-seed42.log").read_text()
+    # the run started beside it was complete: its log keeps the first pass's output, then the finished run's display
+    assert (root / "logs" / "inclora-lr0.001-tasks-seed42.log").read_text().count("results: ") == 2
 
 
 @pytest.mark.slow  # each run is a process of its own

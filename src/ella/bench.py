@@ -309,7 +309,7 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
                 exit_status = subprocess.run(child, input=spec.to_json(), text=True).returncode
             else:
                 log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "w") as output:
+                with open(log, "a") as output:  # a resumed run's log keeps what it wrote before
                     exit_status = subprocess.run(child, input=spec.to_json(), text=True, stdout=output,
                                                  stderr=subprocess.STDOUT, env=job_environment(slot, jobs)).returncode
                 print(f"[{stage}{index}/{len(runs)}] {name}: "
