@@ -198,7 +198,8 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     assert len(list((root / "logs").glob("*.log"))) == 6
     assert "OA" in (root / "logs" / "ella-lam1.0-tasks-seed42.log").read_text()
     out = capfd.readouterr().out
-    assert out.count(": starting (output: ") == 6 and out.count(": done") == 6
+    assert out.count(": starting (output: ") == 6 and out.count(": done: OA ") == 6
+    assert out.count(" (validation OA ") == 4  # the selection's runs; the selected settings' further runs have none
     selection = json.loads((root / "selection.json").read_text())
     for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]), ("ella", ["ella-lam1.0", "ella-lam100.0"])):
         records = [json.loads((root / label / "tasks-seed42" / "results.json").read_text()) for label in labels]

@@ -282,6 +282,14 @@ def job_environment(slot: int, jobs: int) -> dict[str, str]:
     return environment
 
 
+def _summary(run: SuiteRun) -> str:
+    """A finished run in one line: its test OA and BWT, and its validation OA where it has one."""
+    record = json.loads((run.output_dir / RESULTS).read_text())
+    test, validation = record["metrics"], record.get("validation", {}).get("metrics")
+    bwt = "" if test["BWT"] is None else f", BWT {test['BWT']:+.1f}"
+    return f"done: OA {test['OA']:.1f}{bwt}" + (f" (validation OA {validation['OA']:.1f})" if validation else "")
+
+
 def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1) -> None:
     """Run, resume or skip each run, in a process of its own, so that its peak memory is its own and nothing one run
     leaves allocated reaches the next. Resuming, the run checks that its settings still match and trains only what
@@ -313,7 +321,7 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
                     exit_status = subprocess.run(child, input=spec.to_json(), text=True, stdout=output,
                                                  stderr=subprocess.STDOUT, env=job_environment(slot, jobs)).returncode
                 print(f"[{stage}{index}/{len(runs)}] {name}: "
-                      + (f"stopped (exit status {exit_status})" if exit_status else "done"), flush=True)
+                      + (f"stopped (exit status {exit_status})" if exit_status else _summary(run)), flush=True)
         finally:
             slots.put(slot)
         if exit_status:
