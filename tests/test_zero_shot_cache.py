@@ -47,14 +47,17 @@ def measured(monkeypatch) -> list[str]:
     return names
 
 
-def test_a_later_run_reads_the_row_another_method_and_order_measured(tmp_path, measured):
+def test_a_later_run_reads_the_row_another_method_and_order_measured(tmp_path, measured, capsys):
     cache = tmp_path / "cache"
     first = run(three_tasks(), "seqft", tmp_path / "seqft", cache)
     assert first.zero_shot == [80, 20, 20] and first.zero_shot_reused == {}
     assert measured == ["colour", "parity", "size"] and len(list(cache.glob("*.json"))) == 3
 
     reversed_order = three_tasks()[::-1]
+    capsys.readouterr()
     second = run(reversed_order, "inclora", tmp_path / "inclora", cache)
+    shown = "zero-shot, measured in earlier runs: size 20.0  parity 20.0  colour 80.0 (in …/seqft)"
+    assert shown in capsys.readouterr().out
     assert measured == ["colour", "parity", "size"]  # nothing measured again
     assert second.zero_shot == [20, 20, 80] == run(reversed_order, "inclora").zero_shot  # as measured afresh
     # outside the working directory a run's path is recorded as …/seqft

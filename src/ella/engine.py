@@ -482,8 +482,13 @@ def zero_shot_row(model, tokenizer, tasks: list[Task], encoders: list[TaskEncode
                                   None if output_dir is None else provenance.portable_path(output_dir))
     reused = {tasks[j].name: entry["measured_in"] for j, entry in enumerate(found) if entry is not None}
     if reused and accelerator.is_local_main_process:
-        tqdm.write("zero-shot, measured in earlier runs: " + "  ".join(
-            f"{tasks[j].name} {row[j]:.1f} ({found[j]['measured_in']})" for j in range(len(tasks)) if found[j]))
+        by_source: dict[str | None, list[str]] = {}
+        for j, entry in enumerate(found):
+            if entry is not None:
+                by_source.setdefault(entry["measured_in"], []).append(f"{tasks[j].name} {row[j]:.1f}")
+        tqdm.write("zero-shot, measured in earlier runs: " + "; ".join(
+            f"{'  '.join(cells)} (in {source or 'a run without an output directory'})"
+            for source, cells in by_source.items()))
     return row, reused
 
 
