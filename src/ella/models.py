@@ -131,11 +131,22 @@ def smollm2_path() -> Path:
     plain = AutoModelForCausalLM.from_config(_without_quantization(model.config), dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")  # runs started together convert apart
     shutil.rmtree(partial, ignore_errors=True)
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)  # atomic: an interrupted conversion never leaves a half-written model behind
+    return publish(partial, target)
+
+
+def publish(partial: Path, target: Path) -> Path:
+    """Rename the finished conversion ``partial`` to ``target`` (atomic: an interrupted conversion never leaves a
+    half-written model behind); if another process published it first, keep theirs and drop ours."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
