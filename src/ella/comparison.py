@@ -4,9 +4,9 @@ confidence intervals, two ways:
 - over runs: the runs of both methods at one (order, seed) saw the same training and test examples, so their
   difference is one paired observation; the interval is Student's t over those differences (mean ± t · s / √n,
   n − 1 degrees of freedom). It covers what varies between seeds and orders: the examples drawn, the
-  initialisation, dropout, the task order. With a single pair there is no interval. The
-  pairs are taken as independent, though the orders of one seed share that seed's examples (each task's sample
-  depends on the seed and the task, not on the order).
+  initialisation, dropout, the task order. With a single pair there is no interval. The pairs are taken as
+  independent, though the orders of one seed share that seed's examples (each task's sample depends on the seed
+  and the task, not on the order).
 - over test examples: a paired bootstrap. Each resample redraws, with replacement, every task's test examples (the
   same draw for both methods, for every cell of the task: its a[j][j] and its final a[N-1][j], and for every pair
   tested on that sample: the orders of a seed test a task on the same examples) and recomputes the mean

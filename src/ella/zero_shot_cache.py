@@ -64,7 +64,9 @@ def read(cache_dir: Path, key: str) -> dict | None:
 
 
 def write(cache_dir: Path, key: str, task: str, accuracy: float, measured_in: str | None) -> None:
-    """Keep an entry (written whole, then renamed: a crash leaves the old one or none)."""
+    """Keep an entry (written whole, then renamed: a crash leaves the old one or none). Not checkpoint.replace_file:
+    its one ``.partial`` name per file would be shared by two runs of ``ella bench --jobs`` measuring the same task
+    at once, so each process writes beside the entry under a name of its own."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"{key}.json"
     partial = path.with_suffix(f".{os.getpid()}.partial")
