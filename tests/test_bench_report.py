@@ -45,10 +45,11 @@ def write_suite(tmp_path, data_dir, text=SUITE):
 
 def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     suite, runs = load_suite(write_suite(tmp_path, data_dir))
-    assert [(r.label, r.order) for r in runs] == [("inclora", 1), ("inclora", 2), ("ella", 1), ("ella", 2),
-                                                  ("ella-lam1.0", 1), ("ella-lam100.0", 1)]
-    assert runs[2].hyperparameters == {"lam": 10.0} and runs[5].hyperparameters == {"lam": 100.0}
-    spec = runs[5].spec  # what the run's own process receives, as data
+    # grouped by sequence, so that a suite stopped part-way has its methods on the same orders and seeds
+    assert [(r.label, r.order) for r in runs] == [("inclora", 1), ("ella", 1), ("ella-lam1.0", 1),
+                                                  ("ella-lam100.0", 1), ("inclora", 2), ("ella", 2)]
+    assert runs[1].hyperparameters == {"lam": 10.0} and runs[3].hyperparameters == {"lam": 100.0}
+    spec = runs[3].spec  # what the run's own process receives, as data
     assert spec.method == "ella" and spec.hyperparameters == {"lam": 100.0} and spec.order == "1"
     assert spec.train_per_task == 2 and spec.eval_mode == "rank" and spec.mixed_precision == "no"
     assert RunSpec.from_dict(json.loads(spec.to_json())) == spec  # survives the trip to the child process
@@ -123,16 +124,15 @@ def test_a_selection_suite_runs_every_setting_of_each_grid(tmp_path, data_dir):
 
 
 def test_selected_settings_run_on_more_seeds_after_the_selection(tmp_path, data_dir):
-    text = SELECT_SUITE + "\n[selected]\nseeds = [42, 43]\n"
+    text = SELECT_SUITE + "\n[selected]\nseeds = [42, 43, 44]\n"
     suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
-    assert [(r.label, r.seed, r.after_selection) for r in runs] == [
-        ("inclora-lr0.001", 42, False), ("inclora-lr0.1", 42, False), ("ella-lam1.0", 42, False),
-        ("ella-lam100.0", 42, False),  # the selection; then each setting's candidate run on the seed it lacks
-        ("inclora-lr0.001", 43, True), ("inclora-lr0.1", 43, True), ("ella-lam1.0", 43, True),
-        ("ella-lam100.0", 43, True)]
+    settings = ["inclora-lr0.001", "inclora-lr0.1", "ella-lam1.0", "ella-lam100.0"]
+    # the selection; then each setting's candidate runs on the seeds it lacks, every method on one seed before the next
+    assert [(r.label, r.seed, r.after_selection) for r in runs] == \
+        [(label, 42, False) for label in settings] + [(label, seed, True) for seed in (43, 44) for label in settings]
     assert runs[6].spec.hyperparameters == {"lam": 1.0} and runs[5].spec.lr == 0.1
     # the choice made, the further runs need no validation sample (their training sample is the same without)
-    assert [r.spec.validation_per_task for r in runs] == [2] * 4 + [0] * 4
+    assert [r.spec.validation_per_task for r in runs] == [2] * 4 + [0] * 8
     assert runs[6].output_dir == tmp_path / "suite" / "ella-lam1.0" / "tasks-seed43"
 
 

@@ -43,12 +43,13 @@ of them)::
 
 The runs share the zero-shot row: a task's zero-shot accuracy is measured by the first run that needs it and
 read by the others from ``<output_dir>/zero_shot_cache`` (see ``ella.zero_shot_cache``; the runs at one seed
-evaluate the same base model on the same test examples). A run that is complete is not repeated and an interrupted
-one is resumed (both only if their settings still match the suite's), so re-running the suite after a crash picks
-up where it stopped. ``jobs`` > 1 runs that many runs at once, each with its share of the CPU threads (and a GPU of
-its own where there are as many GPUs as jobs): on 2 AMD EPYC cores two one-thread runs trained 1.33x the steps per
-second of one two-thread run. At the end the suite's table is printed and the report written (see
-``ella.report``).
+evaluate the same base model on the same test examples). The runs go one sequence (order and seed) at a time, each
+with every method's run on it, so that a suite stopped part-way compares its methods on the same sequences. A run
+that is complete is not repeated and an interrupted one is resumed (both only if their settings still match the
+suite's), so re-running the suite after a crash picks up where it stopped. ``jobs`` > 1 runs that many runs at
+once, each with its share of the CPU threads (and a GPU of its own where there are as many GPUs as jobs): on 2 AMD
+EPYC cores two one-thread runs trained 1.33x the steps per second of one two-thread run. At the end the suite's
+table is printed and the report written (see ``ella.report``).
 """
 
 from __future__ import annotations
@@ -164,6 +165,15 @@ def _then(path: Path, suite: dict, orders: list, seeds: list) -> tuple[list, lis
     return then.get("orders", orders), then.get("seeds", seeds)
 
 
+def _sequence_major(runs: list[SuiteRun]) -> list[SuiteRun]:
+    """The runs grouped by (order, seed), each group in the suite's order of methods and settings: a suite stopped
+    part-way has its methods on the same sequences, the pairs that ``ella report`` compares."""
+    first: dict[tuple, int] = {}
+    for run in runs:
+        first.setdefault((run.order, run.seed), len(first))
+    return sorted(runs, key=lambda run: first[run.order, run.seed])  # (stable: the method order stays)
+
+
 def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     """The suite's settings and its runs, checked (methods, hyper-parameters) before anything runs."""
     path = Path(path)
@@ -232,15 +242,16 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
                             "each task's training split outside its training sample)")
         return SuiteRun(label, order, seed, spec, after_selection)
 
-    runs = [suite_run(label, method, hyperparameters, own, order, seed)
-            for label, method, hyperparameters, own, variant_orders in variants
-            for order in variant_orders for seed in seeds]
+    runs = _sequence_major([suite_run(label, method, hyperparameters, own, order, seed)
+                            for label, method, hyperparameters, own, variant_orders in variants
+                            for order in variant_orders for seed in seeds])
     then = _then(path, suite, orders, seeds)
     if then:  # every setting's candidate runs; run_suite runs the selected setting's only
         then_orders, then_seeds = then
-        for label, method, hyperparameters, own, _ in variants:
-            runs += [suite_run(label, method, hyperparameters, own, order, seed, after_selection=True)
-                     for order in then_orders for seed in then_seeds if order not in orders or seed not in seeds]
+        runs += _sequence_major([suite_run(label, method, hyperparameters, own, order, seed, after_selection=True)
+                                 for label, method, hyperparameters, own, _ in variants
+                                 for order in then_orders for seed in then_seeds
+                                 if order not in orders or seed not in seeds])
     labels = [r.output_dir for r in runs]
     if len(set(labels)) != len(labels):
         raise EllaError(f"{path}: two runs would share a directory; give sweeps distinct values")
