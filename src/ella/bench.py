@@ -46,7 +46,8 @@ read by the others from ``<output_dir>/zero_shot_cache`` (see ``ella.zero_shot_c
 evaluate the same base model on the same test examples). The runs go one sequence (order and seed) at a time, each
 with every method's run on it, so that a suite stopped part-way compares its methods on the same sequences. A run
 that is complete is not repeated and an interrupted one is resumed (both only if their settings still match the
-suite's), so re-running the suite after a crash picks up where it stopped. ``jobs`` > 1 runs that many runs at
+suite's; a complete run's are checked in this process, with one model load for all), so re-running the suite after
+a crash picks up where it stopped. ``jobs`` > 1 runs that many runs at
 once, each with its share of the CPU threads (and a GPU of its own where there are as many GPUs as jobs): on 2 AMD
 EPYC cores two one-thread runs trained 1.33x the steps per second of one two-thread run. At the end the suite's
 table is printed and the report written (see ``ella.report``).
@@ -75,7 +76,7 @@ from .errors import EllaError
 from .methods import get_method, method_fields
 from .provenance import portable_path
 from .report import SELECTION, write_report
-from .runspec import RunSpec
+from .runspec import RunSpec, finished_runs
 
 ZERO_SHOT_CACHE = "zero_shot_cache"  # in the output directory: the runs' zero-shot accuracies, each measured once
 SUITE_KEYS = {"output_dir", "model", "benchmark", "orders", "seeds", "methods", "run", "method", "sweep", "select",
@@ -298,26 +299,34 @@ def _summary(run: SuiteRun) -> str:
     record = json.loads((run.output_dir / RESULTS).read_text())
     test, validation = record["metrics"], record.get("validation", {}).get("metrics")
     bwt = "" if test["BWT"] is None else f", BWT {test['BWT']:+.1f}"
-    return f"done: OA {test['OA']:.1f}{bwt}" + (f" (validation OA {validation['OA']:.1f})" if validation else "")
+    return f"OA {test['OA']:.1f}{bwt}" + (f" (validation OA {validation['OA']:.1f})" if validation else "")
 
 
 def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1) -> None:
-    """Run, resume or skip each run, in a process of its own, so that its peak memory is its own and nothing one run
-    leaves allocated reaches the next. Resuming, the run checks that its settings still match and trains only what
-    is missing. With ``jobs`` > 1, that many at once (``job_environment``), each one's output in
-    ``<output_dir>/logs/``; after a failure no further run starts, and the suite stops once the running ones end."""
+    """Skip each run that finished with the suite's settings (``finished_runs``, checked here); run or resume each
+    other one in a process of its own, so that its peak memory is its own and nothing one run leaves allocated
+    reaches the next. Resuming, the run checks that its settings still match and trains only what is missing. With
+    ``jobs`` > 1, that many at once (``job_environment``), each one's output in ``<output_dir>/logs/``; after a
+    failure no further run starts, and the suite stops once the running ones end."""
     named_tasks = "tasks" in suite.get("run", {})
     slots, failures, stopping = queue.SimpleQueue(), [], threading.Event()
     for slot in range(jobs):
         slots.put(slot)
 
+    def name(run: SuiteRun) -> str:
+        return f"{run.label}, {'the named tasks' if named_tasks else f'order {run.order}'}, seed {run.seed}"
+
+    finished = finished_runs([run.spec for run in runs])
+    for index, (run, done) in enumerate(zip(runs, finished), 1):
+        if done:
+            print(f"[{stage}{index}/{len(runs)}] {name(run)}: complete, not repeated: {_summary(run)}", flush=True)
+
     def one(index: int, run: SuiteRun) -> None:
         if stopping.is_set():
             return
         status = run_status(run.output_dir)
-        name = f"{run.label}, {'the named tasks' if named_tasks else f'order {run.order}'}, seed {run.seed}"
         log = suite["output_dir"] / "logs" / f"{run.label}-{run.output_dir.name}.log" if jobs > 1 else None
-        print(f"[{stage}{index}/{len(runs)}] {name}: "
+        print(f"[{stage}{index}/{len(runs)}] {name(run)}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status]
               + (f" (output: {portable_path(log)})" if log else ""), flush=True)
         spec = dataclasses.replace(run.spec, resume=status is not None)
@@ -331,16 +340,18 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
                 with open(log, "a") as output:  # a resumed run's log keeps what it wrote before
                     exit_status = subprocess.run(child, input=spec.to_json(), text=True, stdout=output,
                                                  stderr=subprocess.STDOUT, env=job_environment(slot, jobs)).returncode
-                print(f"[{stage}{index}/{len(runs)}] {name}: "
-                      + (f"stopped (exit status {exit_status})" if exit_status else _summary(run)), flush=True)
+                print(f"[{stage}{index}/{len(runs)}] {name(run)}: "
+                      + (f"stopped (exit status {exit_status})" if exit_status else f"done: {_summary(run)}"),
+                      flush=True)
         finally:
             slots.put(slot)
         if exit_status:
-            failures.append((name, exit_status, log))
+            failures.append((name(run), exit_status, log))
             stopping.set()
 
+    left = [(index, run) for index, (run, done) in enumerate(zip(runs, finished), 1) if not done]
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, range(1, len(runs) + 1), runs))
+        list(pool.map(one, [index for index, _ in left], [run for _, run in left]))
     if failures:
         name, exit_status, log = failures[0]
         where = "is above" if log is None else f"ends its output, {portable_path(log)}"

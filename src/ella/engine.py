@@ -555,12 +555,10 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     seq2seq = is_seq2seq(model)
     encoders = [TaskEncoder(tokenizer, task, training.max_length, seq2seq) for task in tasks]
     sequence = [encoder.training(task.train) for task, encoder in zip(tasks, encoders)]
-    header = {"run": run_info or {}, "tasks": [task.name for task in tasks], "method": method.describe(),
-              "model": model_identity(model), "training_config": asdict(training),
-              "evaluation_config": asdict(evaluation), "mixed_precision": accelerator.mixed_precision,
-              "device": str(accelerator.device), "processes": accelerator.num_processes,
-              "hardware": provenance.hardware(accelerator.device),  # of the latest segment, if resumed elsewhere
-              "task_details": [task.describe() for task in tasks]}
+    header = {"run": run_info or {}, **run_settings(model, tasks, method, training, evaluation),
+              "mixed_precision": accelerator.mixed_precision, "device": str(accelerator.device),
+              "processes": accelerator.num_processes,
+              "hardware": provenance.hardware(accelerator.device)}  # of the latest segment, if resumed elsewhere
     saved = None
     if resume and output_dir is not None:
         if accelerator.is_main_process:
@@ -611,6 +609,15 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         if output_dir is not None and accelerator.is_main_process:
             save_progress(output_dir, result, method, header, model, tasks)
     return model, result
+
+
+def run_settings(model: torch.nn.Module, tasks: list[Task], method: ContinualMethod, training: TrainingConfig,
+                 evaluation: EvaluationConfig) -> dict:
+    """The settings a resumed run must share with the run it continues (``checkpoint.RESUME_KEYS``); ``method``
+    set up on ``model``."""
+    return {"tasks": [task.name for task in tasks], "method": method.describe(), "model": model_identity(model),
+            "training_config": asdict(training), "evaluation_config": asdict(evaluation),
+            "task_details": [task.describe() for task in tasks]}
 
 
 def model_identity(model: torch.nn.Module) -> dict:

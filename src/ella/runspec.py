@@ -21,11 +21,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import RESULTS, check_output_dir, rng_state, run_status
+from .checkpoint import RESULTS, check_output_dir, read_json, read_run, rng_state, run_status
 from .continuation import PreviousRun, save_run_model
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import (EVAL_SCHEDULES, MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig,
-                     make_accelerator, run_sequence, schedule_period)
+                     make_accelerator, run_sequence, run_settings, schedule_period)
 from .errors import EllaError
 from .evaluation import EVAL_MODES, scoring_description
 from .methods import get_method
@@ -285,6 +285,34 @@ def run(spec: RunSpec):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model, result
+
+
+def finished_runs(specs: list[RunSpec]) -> list[bool]:
+    """For each spec, whether its output directory holds its run finished and published (results.json and the
+    heat-map) with the settings ``run`` checks on resuming, checked without running it: the model loaded once per
+    model for all the specs. False where not, or where this cannot tell (a continued run, --save-model): ``run``
+    with ``resume`` then says why or finishes it."""
+    models = {}  # (model, dtype) -> the model as loaded, which the checks leave as it is
+    return [_finished(spec, models) for spec in specs]
+
+
+def _finished(spec: RunSpec, models: dict) -> bool:
+    directory = spec.output_dir
+    try:
+        if (directory is None or spec.continue_run is not None or spec.save_model
+                or run_status(directory) != "complete" or not (directory / "accuracy_matrix.png").is_file()
+                or read_json(directory / RESULTS).get("status") != "complete"):
+            return False
+        key = (spec.model or DEFAULT_MODEL, spec.dtype or DEFAULT_DTYPE)
+        if key not in models:
+            models[key] = load_model(*key)[0]
+        model, tasks = models[key], load_tasks(spec)[0]
+        method = get_method(spec.method or DEFAULT_METHOD, **spec.hyperparameters)
+        method.setup(model, tasks)  # (setting up only checks the model against the method)
+        read_run(directory, run_settings(model, tasks, method, spec.training_config(), spec.evaluation_config()))
+        return True
+    except EllaError:  # a file missing or unreadable, other settings: the run's own process says which
+        return False
 
 
 def _report(spec: RunSpec, title: str, tasks, model, tokenizer, method, rng, result: SequenceResult,
