@@ -10,7 +10,8 @@ from ella import EllaError
 from ella import RunSpec
 from ella.bench import job_environment, load_suite, run_suite, select_settings
 from ella.cli import main
-from ella.report import cost_table
+from ella.provenance import describe_hardware
+from ella.report import cost_table, describe_selection
 
 SUITE = """
 output_dir = "suite"
@@ -217,7 +218,7 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     assert "Hyper-parameters selected by validation OA, never by test" in text
     assert "2 settings per method; inclora: lr ∈ {0.001, 0.1}; ella: lam ∈ {1.0, 100.0}" in text
     assert "on 2 validation examples per task" in text and "the named tasks and seed(s) 42 (4 runs in all)" in text
-    assert "The selected settings then ran on the named tasks and seed(s) 42, 43." in text
+    assert "The selected settings then run on the named tasks and seed(s) 42, 43 (4 of their 4 runs done)." in text
     paired = text.split(f"## Paired differences against {selection['methods']['ella']['selected']}")[1]
     assert f"\n| {selection['methods']['inclora']['selected']} | 2 |" in paired  # selected settings, 2 seeds
     assert selection["selected_settings_on"] == {"orders": [None], "seeds": [42, 43]}
@@ -285,6 +286,25 @@ def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_pat
     with pytest.raises(EllaError, match="the run ella, order 1, seed 42 stopped"):
         run_suite(path)
     assert "other settings (method differ" in capfd.readouterr().err
+
+
+def test_a_selection_in_progress_says_how_many_of_its_runs_are_done():
+    settings = [{"label": f"ella-lam{lam}", "values": {"lam": lam}, "validation_OA": oa, "runs": 1}
+                for lam, oa in ((1.0, 60.0), (2.0, 50.0))]
+    selection = {"validation_per_task": 2, "orders": ["1"], "seeds": [42], "selected_settings_on":
+                 {"orders": ["1", "2"], "seeds": [42, 43]},
+                 "methods": {"ella": {"grid": {"lam": [1.0, 2.0]}, "settings": settings, "selected": "ella-lam1.0"}}}
+    runs = [{"label": "ella-lam1.0"}, {"label": "ella-lam2.0"}, {"label": "ella-lam1.0"}]  # the passed-over one too
+    text = describe_selection(selection, runs)
+    assert "averaged over order 1 and seed(s) 42 (2 runs in all)" in text
+    assert "then run on order 1, order 2 and seed(s) 42, 43 (2 of their 4 runs done)" in text
+
+
+def test_hardware_line():
+    machine = {"cpu": "AMD EPYC", "cpu_instructions": "AVX2", "torch_threads": 1, "gpu": None}
+    assert describe_hardware(machine) == "AMD EPYC (AVX2), 1 torch thread"
+    assert describe_hardware({**machine, "torch_threads": 2, "gpu": "NVIDIA H200"}) == \
+        "AMD EPYC (AVX2), 2 torch threads, GPU NVIDIA H200"
 
 
 def test_cost_per_run_is_the_median_over_a_methods_runs():

@@ -59,5 +59,6 @@ def hardware(device: torch.device) -> dict:
 
 def describe_hardware(machine: dict) -> str:
     """One line for reports: 'AMD EPYC 7B13 (AVX2), 8 torch threads' (+ ', GPU NVIDIA H200')."""
-    return (f"{machine['cpu']} ({machine['cpu_instructions']}), {machine['torch_threads']} torch threads"
+    threads = machine["torch_threads"]
+    return (f"{machine['cpu']} ({machine['cpu_instructions']}), {threads} torch thread{'' if threads == 1 else 's'}"
             + (f", GPU {machine['gpu']}" if machine["gpu"] else ""))

@@ -307,22 +307,29 @@ def selected_runs(runs: list[dict], selections: list[dict]) -> list[dict]:
     return [run for run in runs if run["label"] not in passed_over]
 
 
-def describe_selection(selection: dict) -> str:
-    """How the settings were chosen, in one paragraph."""
+def describe_selection(selection: dict, runs: list[dict]) -> str:
+    """How the settings were chosen, in one paragraph; ``runs``: the report's runs (how many of the selected
+    settings' runs are done)."""
     methods = selection["methods"]
     grids = "; ".join(f"{method}: " + ", ".join(f"{name} ∈ {{{', '.join(map(str, values))}}}"
                                                 for name, values in choice["grid"].items())
                       for method, choice in methods.items())
     budget = len(next(iter(methods.values()))["settings"])
-    runs = sum(setting["runs"] for choice in methods.values() for setting in choice["settings"])
+    candidates = sum(setting["runs"] for choice in methods.values() for setting in choice["settings"])
     on = selection.get("selected_settings_on")
-    then = (f" The selected settings then ran on {', '.join(map(_sequence, on['orders']))} and seed(s) "
-            f"{', '.join(map(str, on['seeds']))}.") if on else ""
+    if on:
+        selected = {choice["selected"] for choice in methods.values()}
+        done = sum(run["label"] in selected for run in runs)
+        planned = len(on["orders"]) * len(on["seeds"]) * len(methods)
+        then = (f" The selected settings then run on {', '.join(map(_sequence, on['orders']))} and seed(s) "
+                f"{', '.join(map(str, on['seeds']))} ({done} of their {planned} runs done).")
+    else:
+        then = ""
     return (f"Hyper-parameters selected by validation OA, never by test: for each method, of its grid ({budget} "
             f"settings per method; {grids}) the setting with the highest mean accuracy after the last task on "
             f"{selection['validation_per_task']} validation examples per task (drawn from each task's training "
             f"split, outside its training sample), averaged over {', '.join(map(_sequence, selection['orders']))} "
-            f"and seed(s) {', '.join(map(str, selection['seeds']))} ({runs} runs in all); a tie goes to the setting "
+            f"and seed(s) {', '.join(map(str, selection['seeds']))} ({candidates} runs in all); a tie goes to the setting "
             "listed first in the grid." + then + " The results, costs and figures below are the selected settings' "
             "runs only, on the test examples.")
 
@@ -382,7 +389,7 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     images = figures(runs)
     for name, data in images.items():
         (output_dir / name).write_bytes(data)
-    paragraphs = [describe(runs)] + [describe_selection(selection) for selection in selections]
+    paragraphs = [describe(runs)] + [describe_selection(selection, runs) for selection in selections]
     markdown = ["# ella report", ""] + [line for text in paragraphs for line in (text, "")]
     page = ["<!doctype html><meta charset='utf-8'><title>ella report</title><style>body{font-family:sans-serif;"
             "max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
