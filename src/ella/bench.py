@@ -47,10 +47,10 @@ evaluate the same base model on the same test examples). The runs go one sequenc
 with every method's run on it, so that a suite stopped part-way compares its methods on the same sequences. A run
 that is complete is not repeated and an interrupted one is resumed (both only if their settings still match the
 suite's; a complete run's are checked in this process, with one model load for all), so re-running the suite after
-a crash picks up where it stopped. ``jobs`` > 1 runs that many runs at
-once, each with its share of the CPU threads (and a GPU of its own where there are as many GPUs as jobs): on 2 AMD
-EPYC cores two one-thread runs trained 1.33x the steps per second of one two-thread run. At the end the suite's
-table is printed and the report written (see ``ella.report``).
+a crash picks up where it stopped. ``jobs`` > 1 runs that many runs at once, each with its share of the CPU threads
+(and a GPU of its own where there are as many GPUs as jobs): on 2 AMD EPYC cores two one-thread runs trained 1.33x
+the steps per second of one two-thread run. At the end the suite's table is printed and the report written (see
+``ella.report``).
 """
 
 from __future__ import annotations

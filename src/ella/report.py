@@ -329,9 +329,9 @@ def describe_selection(selection: dict, runs: list[dict]) -> str:
             f"settings per method; {grids}) the setting with the highest mean accuracy after the last task on "
             f"{selection['validation_per_task']} validation examples per task (drawn from each task's training "
             f"split, outside its training sample), averaged over {', '.join(map(_sequence, selection['orders']))} "
-            f"and seed(s) {', '.join(map(str, selection['seeds']))} ({candidates} runs in all); a tie goes to the setting "
-            "listed first in the grid." + then + " The results, costs and figures below are the selected settings' "
-            "runs only, on the test examples.")
+            f"and seed(s) {', '.join(map(str, selection['seeds']))} ({candidates} runs in all); a tie goes to the "
+            "setting listed first in the grid." + then + " The results, costs and figures below are the selected "
+            "settings' runs only, on the test examples.")
 
 
 def selection_table(selection: dict) -> tuple[list[str], list[list[str]]]:
