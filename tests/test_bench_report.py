@@ -8,7 +8,7 @@ import torch
 
 from ella import EllaError
 from ella import RunSpec
-from ella.bench import job_environment, load_suite, run_suite, select_settings
+from ella.bench import job_environment, load_suite, run_suite, select_settings, suite_status
 from ella.cli import main
 from ella.provenance import describe_hardware
 from ella.report import cost_table, describe_selection
@@ -223,6 +223,8 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     assert f"\n| {selection['methods']['inclora']['selected']} | 2 |" in paired  # selected settings, 2 seeds
     assert selection["selected_settings_on"] == {"orders": [None], "seeds": [42, 43]}
     assert "a tie goes to the setting listed first" in text
+    assert suite_status(path).endswith("\n4 of 4 selection runs complete, 0 started and not finished; 2 of 2 further "
+                                       "runs complete, 0 started and not finished")
     assert "2 training, 2 validation (in the selection's runs) and 2 test examples" in text
 
     # a run that fails stops the suite once the running ones end, and says where its output is
@@ -273,6 +275,10 @@ def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_pat
     record.update(status="running", tasks_done=2, accuracy_matrix=record["accuracy_matrix"][:2],
                   task_logs=record["task_logs"][:2], eval_seconds=record["eval_seconds"][:2])
     interrupted.write_text(json.dumps(record))
+    status = suite_status(path)  # read from the files, running nothing
+    assert "[1/4] inclora, order 1, seed 42: complete: OA " in status
+    assert "[4/4] ella, order 2, seed 42: 2 of 4 tasks done" in status
+    assert status.endswith("\n3 of 4 runs complete, 1 started and not finished")
     capfd.readouterr()
     with pytest.raises(EllaError, match="the run ella, order 2, seed 42 stopped .* The finished runs are kept"):
         run_suite(path)
@@ -286,6 +292,17 @@ def test_bench_runs_skips_finished_runs_resumes_and_refuses_changed_ones(tmp_pat
     with pytest.raises(EllaError, match="the run ella, order 1, seed 42 stopped"):
         run_suite(path)
     assert "other settings (method differ" in capfd.readouterr().err
+
+
+def test_status_of_a_suite_not_started(tmp_path, data_dir, capsys):
+    path = write_suite(tmp_path, data_dir, SELECT_SUITE + "\n[selected]\nseeds = [42, 43, 44]\n")
+    assert main(["bench", str(path), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/4] inclora-lr0.001, the named tasks, seed 42: not started"
+    # which settings run on seeds 43 and 44 is known once the selection is complete
+    assert lines[-1] == "0 of 4 selection runs complete, 0 started and not finished; then the selected settings' 4 " \
+                        "further runs"
+    assert not (tmp_path / "suite").exists()  # nothing ran
 
 
 def test_a_selection_in_progress_says_how_many_of_its_runs_are_done():

@@ -71,7 +71,7 @@ from statistics import mean
 
 import torch
 
-from .checkpoint import RESULTS, run_status
+from .checkpoint import RESULTS, commits, run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
 from .provenance import portable_path
@@ -283,6 +283,46 @@ def run_suite(path: str | Path, jobs: int = 1) -> Path:
     return write_report([suite["output_dir"]], suite["output_dir"])
 
 
+def suite_status(path: str | Path) -> str:
+    """Where the suite stands, read from its files: each run's state, then the counts. Nothing runs, and a finished
+    run's settings are not checked against the suite's (``ella bench`` does that)."""
+    suite, runs = load_suite(path)
+    first = [run for run in runs if not run.after_selection]
+    stages = [("", first)]
+    further = [run for run in runs if run.after_selection]
+    if further and all(run_status(run.output_dir) == "complete" for run in first):
+        chosen = {choice["selected"] for choice in select_settings(suite["select"], first)["methods"].values()}
+        stages.append(("selected ", [run for run in further if run.label in chosen]))
+    lines, counts = [], []
+    for stage, stage_runs in stages:
+        states = [_state(run) for run in stage_runs]
+        lines += [f"[{stage}{index}/{len(stage_runs)}] {_name(run, suite)}: {state}"
+                  for index, (run, state) in enumerate(zip(stage_runs, states), 1)]
+        complete = sum(state.startswith("complete") for state in states)
+        started = sum(state != "not started" for state in states) - complete
+        kind = "further " if stage else "selection " if "select" in suite else ""
+        counts.append(f"{complete} of {len(stage_runs)} {kind}runs complete, {started} started and not finished")
+    if len(stages) == 1 and further:  # which settings run further is known once the selection is complete
+        selected_further = len(further) // len(_combinations(next(iter(suite["select"].values()))))
+        counts.append(f"then the selected settings' {selected_further} further runs")
+    return "\n".join(lines + ["; ".join(counts)])
+
+
+def _state(run: SuiteRun) -> str:
+    """'complete: OA ...', 'k of T tasks done' or 'not started', from the run's files."""
+    status = run_status(run.output_dir)
+    if status is None:
+        return "not started"
+    if status == "complete" and (run.output_dir / RESULTS).is_file():
+        return f"complete: {_summary(run)}"
+    saved = commits(run.output_dir)  # the record run_status read
+    try:
+        record = json.loads(((saved[-1][1] if saved else run.output_dir) / RESULTS).read_text())
+        return f"{record['tasks_done']} of {len(record['tasks'])} tasks done"
+    except (OSError, ValueError, KeyError):
+        return "started, no task finished"
+
+
 def job_environment(slot: int, jobs: int) -> dict[str, str]:
     """The environment of a run started beside ``jobs - 1`` others: its share of this process's CPU threads, and
     GPU ``slot`` of the visible ones where there is one per job (with fewer, the runs share them)."""
@@ -292,6 +332,11 @@ def job_environment(slot: int, jobs: int) -> dict[str, str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         environment["CUDA_VISIBLE_DEVICES"] = (visible.split(",") if visible else [str(i) for i in range(gpus)])[slot]
     return environment
+
+
+def _name(run: SuiteRun, suite: dict) -> str:
+    sequence = "the named tasks" if "tasks" in suite.get("run", {}) else f"order {run.order}"
+    return f"{run.label}, {sequence}, seed {run.seed}"
 
 
 def _summary(run: SuiteRun) -> str:
@@ -308,25 +353,21 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
     reaches the next. Resuming, the run checks that its settings still match and trains only what is missing. With
     ``jobs`` > 1, that many at once (``job_environment``), each one's output in ``<output_dir>/logs/``; after a
     failure no further run starts, and the suite stops once the running ones end."""
-    named_tasks = "tasks" in suite.get("run", {})
     slots, failures, stopping = queue.SimpleQueue(), [], threading.Event()
     for slot in range(jobs):
         slots.put(slot)
 
-    def name(run: SuiteRun) -> str:
-        return f"{run.label}, {'the named tasks' if named_tasks else f'order {run.order}'}, seed {run.seed}"
-
     finished = finished_runs([run.spec for run in runs])
     for index, (run, done) in enumerate(zip(runs, finished), 1):
         if done:
-            print(f"[{stage}{index}/{len(runs)}] {name(run)}: complete, not repeated: {_summary(run)}", flush=True)
+            print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: complete, not repeated: {_summary(run)}", flush=True)
 
     def one(index: int, run: SuiteRun) -> None:
         if stopping.is_set():
             return
         status = run_status(run.output_dir)
         log = suite["output_dir"] / "logs" / f"{run.label}-{run.output_dir.name}.log" if jobs > 1 else None
-        print(f"[{stage}{index}/{len(runs)}] {name(run)}: "
+        print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: "
               + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status]
               + (f" (output: {portable_path(log)})" if log else ""), flush=True)
         spec = dataclasses.replace(run.spec, resume=status is not None)
@@ -340,13 +381,13 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
                 with open(log, "a") as output:  # a resumed run's log keeps what it wrote before
                     exit_status = subprocess.run(child, input=spec.to_json(), text=True, stdout=output,
                                                  stderr=subprocess.STDOUT, env=job_environment(slot, jobs)).returncode
-                print(f"[{stage}{index}/{len(runs)}] {name(run)}: "
+                print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: "
                       + (f"stopped (exit status {exit_status})" if exit_status else f"done: {_summary(run)}"),
                       flush=True)
         finally:
             slots.put(slot)
         if exit_status:
-            failures.append((name(run), exit_status, log))
+            failures.append((_name(run, suite), exit_status, log))
             stopping.set()
 
     left = [(index, run) for index, (run, done) in enumerate(zip(runs, finished), 1) if not done]

@@ -9,7 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
-from .bench import run_suite
+from .bench import run_suite, suite_status
 from .errors import EllaError
 from .methods import METHODS, PARTS, get_method, method_fields
 from .provenance import portable_command
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs at once, each with its share of the CPU threads and, where there are as many GPUs, "
                             "a GPU of its own; their output goes to OUTPUT_DIR/logs/ (default: 1, one after another, "
                             "output here)")
+    bench.add_argument("--status", action="store_true",
+                       help="print where the suite stands, each run's state read from its files, and run nothing")
     bench.set_defaults(handler=command_bench)
 
     report = commands.add_parser(
@@ -138,7 +140,7 @@ def command_methods(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    print(f"report: {run_suite(args.suite, args.jobs)}")
+    print(suite_status(args.suite) if args.status else f"report: {run_suite(args.suite, args.jobs)}")
     return 0
 
 
