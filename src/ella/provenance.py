@@ -36,13 +36,38 @@ def portable_command(argv: list[str]) -> str:
     return "ella " + shlex.join(map(portable, argv))
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            first = f.read().split("\n\n")[0]
     except OSError:
-        names = []
-    return names[0] if names else platform.processor() or platform.machine()
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_model() -> str | None:
+    """'family 25 model 1 stepping 1': what tells apart CPUs that a virtual machine names alike ('AMD EPYC')."""
+    info = _cpuinfo()
+    if "cpu family" not in info:
+        return None
+    return f"family {info['cpu family']} model {info.get('model')} stepping {info.get('stepping')}"
+
+
+def l3_cache() -> str | None:
+    """The last-level cache that the first CPU sees, as Linux reports it ('32 MiB'); None where it is not reported."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                return f"{int(size[:-1]) // 1024} MiB" if size.endswith("K") and int(size[:-1]) >= 1024 else size
+        except (OSError, ValueError):
+            return None
+    return None
 
 
 def cpu_instructions() -> str:
@@ -52,13 +77,18 @@ def cpu_instructions() -> str:
 
 
 def hardware(device: torch.device) -> dict:
-    """The machine a run runs on: CPU, its instruction-set class, torch's threads, and the GPU if it uses one."""
-    return {"cpu": cpu_name(), "cpu_instructions": cpu_instructions(), "torch_threads": torch.get_num_threads(),
+    """The machine a run runs on: CPU (its name, model and L3 cache: virtual machines give different CPUs one name),
+    its instruction-set class, torch's threads, and the GPU if it uses one."""
+    return {"cpu": cpu_name(), "cpu_model": cpu_model(), "l3_cache": l3_cache(), "cpu_instructions": cpu_instructions(),
+            "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def describe_hardware(machine: dict) -> str:
-    """One line for reports: 'AMD EPYC 7B13 (AVX2), 8 torch threads' (+ ', GPU NVIDIA H200')."""
-    threads = machine["torch_threads"]
-    return (f"{machine['cpu']} ({machine['cpu_instructions']}), {threads} torch thread{'' if threads == 1 else 's'}"
+    """One line for reports: 'AMD EPYC (family 25 model 1 stepping 1, 32 MiB L3, AVX2), 2 torch threads'
+    (+ ', GPU NVIDIA H200'); a record from before ella recorded the model and the cache has neither."""
+    details = [machine.get("cpu_model"), machine.get("l3_cache") and f"{machine['l3_cache']} L3",
+               machine["cpu_instructions"]]
+    threads = f"{machine['torch_threads']} torch thread{'' if machine['torch_threads'] == 1 else 's'}"
+    return (f"{machine['cpu']} ({', '.join(filter(None, details))}), {threads}"
             + (f", GPU {machine['gpu']}" if machine["gpu"] else ""))
