@@ -71,7 +71,7 @@ from statistics import mean
 
 import torch
 
-from .checkpoint import RESULTS, commits, run_status
+from .checkpoint import RESULTS, latest_record, run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
 from .provenance import portable_path
@@ -315,12 +315,10 @@ def _state(run: SuiteRun) -> str:
         return "not started"
     if status == "complete" and (run.output_dir / RESULTS).is_file():
         return f"complete: {_summary(run)}"
-    saved = commits(run.output_dir)  # the record run_status read
-    try:
-        record = json.loads(((saved[-1][1] if saved else run.output_dir) / RESULTS).read_text())
-        return f"{record['tasks_done']} of {len(record['tasks'])} tasks done"
-    except (OSError, ValueError, KeyError):
+    record = latest_record(run.output_dir)
+    if record is None or "tasks_done" not in record or "tasks" not in record:
         return "started, no task finished"
+    return f"{record['tasks_done']} of {len(record['tasks'])} tasks done"
 
 
 def job_environment(slot: int, jobs: int) -> dict[str, str]:
@@ -360,7 +358,8 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
     finished = finished_runs([run.spec for run in runs])
     for index, (run, done) in enumerate(zip(runs, finished), 1):
         if done:
-            print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: complete, not repeated: {_summary(run)}", flush=True)
+            print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: complete, not repeated: {_summary(run)}",
+                  flush=True)
 
     def one(index: int, run: SuiteRun) -> None:
         if stopping.is_set():

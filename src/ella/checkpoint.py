@@ -303,13 +303,22 @@ def holds_run(output_dir: Path) -> bool:
     return (output_dir / RESULTS).exists() or (output_dir / PROGRESS).exists()
 
 
-def run_status(output_dir: Path) -> str | None:
-    """'complete', 'running' (interrupted or in progress), or None when ``output_dir`` holds no run."""
+def latest_record(output_dir: Path) -> dict | None:
+    """The record of the run's latest commit, or its top-level results.json where it has no commit; None where
+    that is missing or unreadable."""
     saved = commits(output_dir)
     try:
-        return json.loads(((saved[-1][1] if saved else output_dir) / RESULTS).read_text()).get("status")
+        return json.loads(((saved[-1][1] if saved else output_dir) / RESULTS).read_text())
     except (OSError, ValueError):
-        return "running" if saved else None
+        return None
+
+
+def run_status(output_dir: Path) -> str | None:
+    """'complete', 'running' (interrupted or in progress), or None when ``output_dir`` holds no run."""
+    record = latest_record(output_dir)
+    if record is None:
+        return "running" if commits(output_dir) else None
+    return record.get("status")
 
 
 def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = False) -> None:
