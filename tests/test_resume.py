@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 from ella import EllaError, EvaluationConfig, TrainingConfig, get_method, run_sequence
@@ -82,7 +83,7 @@ class DiskStates:
 def run(method_name: str, output_dir: Path, **options):
     model, tokenizer = tiny_model()
     return run_sequence(model, tokenizer, toy_tasks(8, 4), get_method(method_name, **METHODS[method_name]),
-                        output_dir=output_dir, **SETTINGS, **options)
+                        output_dir=output_dir, **{**SETTINGS, **options})
 
 
 @pytest.mark.slow
@@ -145,6 +146,40 @@ def test_resume_refuses_other_settings_and_another_model(tmp_path):
     with pytest.raises(EllaError, match="other settings \\(model differ"):
         run_sequence(bigger, tokenizer, toy_tasks(8, 4), get_method("ella", lam=10.0), output_dir=out, resume=True,
                      **SETTINGS)
+
+
+def cpu_with_bf16(monkeypatch, has_bf16: bool) -> None:
+    """A machine whose CPU has bf16 or not; accelerate's process-wide state reset so that it may change."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: has_bf16, raising=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_a_run_resumed_where_auto_means_another_precision_is_refused(tmp_path, monkeypatch):
+    out, auto = tmp_path / "run", TrainingConfig(batch_size=4, learning_rate=1e-2)  # mixed_precision "auto"
+    cpu_with_bf16(monkeypatch, False)  # "auto" is fp32 here
+    with pytest.raises(KeyboardInterrupt):
+        with_crash_in_second_task(lambda: run("ella", out, training=auto))
+    record = json.loads((checkpoint.commits(out)[-1][1] / checkpoint.RESULTS).read_text())
+    assert record["training_config"]["mixed_precision"] == record["mixed_precision"] == "no"
+    cpu_with_bf16(monkeypatch, True)  # another machine, where "auto" is bf16
+    with pytest.raises(EllaError, match="other settings \\(training_config differ"):
+        run("ella", out, training=auto, resume=True)
+    cpu_with_bf16(monkeypatch, True)
+    _, resumed = run("ella", out, resume=True)  # --mixed-precision no: the precision it started in
+    assert resumed.complete
+
+
+def test_a_run_recorded_by_ella_0_5_with_auto_resumes_in_the_precision_it_used(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with_crash_in_second_task(lambda: run("ella", out))
+    path = checkpoint.commits(out)[-1][1] / checkpoint.RESULTS
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "training_config": {**record["training_config"], "mixed_precision": "auto"}}))
+    _, resumed = run("ella", out, resume=True)  # it computed in fp32 ("no"), as this resume does
+    assert resumed.complete
 
 
 def test_resuming_a_complete_run_trains_nothing(tmp_path, monkeypatch):

@@ -293,6 +293,8 @@ def check_settings(output_dir: Path, record: dict, header: dict) -> None:
     expected = json.loads(json.dumps(header))
     recorded = {key: {**ADDED_SETTINGS[key], **record[key]} if key in ADDED_SETTINGS else record[key]
                 for key in RESUME_KEYS if key in record}
+    if recorded.get("training_config", {}).get("mixed_precision") == "auto":  # ella <= 0.5 recorded the choice
+        recorded["training_config"] = {**recorded["training_config"], "mixed_precision": record.get("mixed_precision")}
     different = [key for key, value in recorded.items() if value != expected.get(key)]
     if different:
         raise EllaError(f"the run in {output_dir} was made with other settings ({', '.join(different)} differ); "

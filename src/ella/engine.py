@@ -546,6 +546,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
     started = time.perf_counter()
     set_seed(training.seed)
     accelerator = accelerator or make_accelerator(training)
+    # "auto" recorded as what it resolved to on this machine, so that a run resumed on a machine that resolves it
+    # otherwise (bf16 where the first had fp32) is refused rather than continued in another precision
+    training = replace(training, mixed_precision=accelerator.mixed_precision)
     if output_dir is not None:
         checkpoint.claim_output_dir(output_dir, resume, overwrite, remove_files=accelerator.is_main_process)
         accelerator.wait_for_everyone()

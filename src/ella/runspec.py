@@ -25,7 +25,7 @@ from .checkpoint import RESULTS, check_output_dir, read_json, read_run, rng_stat
 from .continuation import PreviousRun, save_run_model
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import (EVAL_SCHEDULES, MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig,
-                     make_accelerator, run_sequence, run_settings, schedule_period)
+                     make_accelerator, resolve_mixed_precision, run_sequence, run_settings, schedule_period)
 from .errors import EllaError
 from .evaluation import EVAL_MODES, scoring_description
 from .methods import get_method
@@ -154,10 +154,12 @@ class RunSpec:
         return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()})
 
     def training_config(self) -> TrainingConfig:
+        """With the precision resolved for this machine ("auto" is what ``run_sequence`` records it as)."""
         return TrainingConfig(epochs=self.epochs, learning_rate=self.lr, batch_size=self.batch_size,
                               grad_accum=self.grad_accum, max_length=self.max_length, warmup_ratio=self.warmup_ratio,
                               weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, seed=self.seed,
-                              mixed_precision=self.mixed_precision, tokens_per_pass=self.tokens_per_pass)
+                              mixed_precision=resolve_mixed_precision(self.mixed_precision),
+                              tokens_per_pass=self.tokens_per_pass)
 
     def evaluation_config(self) -> EvaluationConfig:
         return EvaluationConfig(mode=self.eval_mode, batch_size=self.eval_batch_size,
