@@ -1,6 +1,6 @@
 """How close ella's training step and evaluation come to the machine's limit, against a plain training loop.
 
-    python benchmarks/speed.py            # 31 minutes on 2 AVX2 cores (AMD EPYC)
+    python benchmarks/speed.py            # 31 minutes on 2 AVX2 cores (AMD EPYC), 12 on 2 with AVX-512 BF16
     python benchmarks/speed.py --quick    # one round, one task: a look
     python benchmarks/speed.py --probe ella --tasks 1 --tokens-per-pass 1024   # ella's step alone, another pass size
 
@@ -17,7 +17,9 @@ process's own):
 - evaluation: examples per second of greedy generation and rank classification, with and without the shared
   prefix's cache, at two batch sizes, against the time their counted FLOPs need;
 - on an AMD CPU with torch's MKL: the matrix products, ella's step and evaluation again with MKL's vendor check
-  overridden (see ``mkl_override``), a lever outside ella that a user can pull.
+  overridden (see ``mkl_override``), a lever outside ella that a user can pull;
+- where ella chooses bf16 autocast (a CPU with AMX or AVX-512 BF16): its step and evaluation again in fp32, to
+  show what the choice gains and that the predictions stay the same.
 Writes benchmarks/results/speed.md and speed.json.
 """
 
@@ -120,10 +122,12 @@ def training_data(tasks_used: int):
     return model, tokenizer, tasks, items
 
 
-def ella_training(tasks_used: int, tokens_per_pass: int = TrainingConfig.tokens_per_pass) -> dict:
+def ella_training(tasks_used: int, tokens_per_pass: int = TrainingConfig.tokens_per_pass,
+                  precision: str = "auto") -> dict:
     """ella's ``train_task`` (IncLoRA: a fresh LoRA per task) over the tasks' first steps."""
     model, tokenizer, tasks, items = training_data(tasks_used)
-    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH, tokens_per_pass=tokens_per_pass)
+    config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH, tokens_per_pass=tokens_per_pass,
+                            mixed_precision=precision)
     accelerator = make_accelerator(config)
     method = ella.get_method("inclora")
     method.setup(model, tasks)
@@ -207,16 +211,17 @@ def necessary_training_flops(tasks_used: int) -> dict:
 # Evaluation
 
 
-EVAL_VARIANTS = {  # label -> (shared prefix, batch size); FLOPs are counted for the default batch
-    f"prefix cached, batch {EVAL_BATCH}": (True, EVAL_BATCH), "prefix cached, batch 16": (True, 16),
-    f"whole prompts, batch {EVAL_BATCH}": (False, EVAL_BATCH)}
+EVAL_VARIANTS = {  # label -> (shared prefix, batch size, precision); FLOPs are counted for ella's choice at batch 8
+    f"prefix cached, batch {EVAL_BATCH}": (True, EVAL_BATCH, "auto"), "prefix cached, batch 16": (True, 16, "auto"),
+    f"whole prompts, batch {EVAL_BATCH}": (False, EVAL_BATCH, "auto")}
+FP32_ELLA, FP32_EVAL = "ella (`train_task`), fp32", f"prefix cached, batch {EVAL_BATCH}, fp32"  # where ella chose bf16
 
 
 def evaluation(variant: str) -> dict:
     """Examples per second of both modes on dbpedia (14 labels) and agnews (4); with the FLOPs they count."""
-    shared_prefix, batch_size = EVAL_VARIANTS[variant]
+    shared_prefix, batch_size, precision = {**EVAL_VARIANTS, FP32_EVAL: (True, EVAL_BATCH, "no")}[variant]
     model, tokenizer = ella.load_model(MODEL)
-    accelerator = make_accelerator(TrainingConfig())
+    accelerator = make_accelerator(TrainingConfig(mixed_precision=precision))
     out = {}
     for name in ("dbpedia", "agnews"):
         (task,) = ella.load_cl_benchmark(tasks=[name], train_per_task=1, test_per_task=EVAL_EXAMPLES)
@@ -229,7 +234,7 @@ def evaluation(variant: str) -> dict:
             start = time.perf_counter()
             score = evaluate_task(model, tokenizer, task, encoder, mode, batch_size, accelerator)
             row = {"examples_per_second": len(task.test) / (time.perf_counter() - start), "accuracy": score.accuracy}
-            if batch_size == EVAL_BATCH:
+            if batch_size == EVAL_BATCH and precision == "auto":
                 counter = FlopCounterMode(display=False)
                 with counter:
                     evaluate_task(model, tokenizer, task, encoder, mode, batch_size, accelerator)
@@ -243,8 +248,9 @@ def evaluation(variant: str) -> dict:
 
 
 PROBES = {"ella": ella_training, "plain": plain_training, "flops": necessary_training_flops,
+          FP32_ELLA: lambda tasks: ella_training(tasks, precision="no"),
           "matmul": lambda tasks: matmul_throughput(used_dtype(), 10, MATMUL_SHAPES),
-          **{variant: lambda tasks, variant=variant: evaluation(variant) for variant in EVAL_VARIANTS}}
+          **{variant: lambda tasks, variant=variant: evaluation(variant) for variant in [*EVAL_VARIANTS, FP32_EVAL]}}
 
 
 def probe(name: str, tasks_used: int, environment: dict | None = None) -> dict:
@@ -269,6 +275,8 @@ def measure(rounds: int, tasks_used: int) -> dict:
         if override:
             products["used, MKL override"] = ("matmul", override)
             probes[OVERRIDDEN_ELLA] = ("ella", override)
+        if dtype == torch.bfloat16:  # whether ella's choice of bf16 pays on this CPU, and keeps the predictions
+            probes[FP32_ELLA] = (FP32_ELLA, None)
         measured = {label: [] for label in products}
         runs = {label: [] for label in probes}
         for r in range(rounds):
@@ -291,6 +299,8 @@ def measure(rounds: int, tasks_used: int) -> dict:
         if override:
             default = f"prefix cached, batch {EVAL_BATCH}"
             results["evaluation"][f"{default}, MKL override"] = probe(default, tasks_used, override)
+        if dtype == torch.bfloat16:
+            results["evaluation"][FP32_EVAL] = probe(FP32_EVAL, tasks_used)
     return results
 
 
@@ -342,6 +352,11 @@ def write_report(results: dict) -> None:
         gain = [o["step_seconds"] / e["step_seconds"]
                 for o, e in zip(results["training"][OVERRIDDEN_ELLA], results["training"]["ella"])]
         lines.append(f"- ella with / without the MKL override, per round: {', '.join(f'{g:.2f}' for g in gain)}.")
+    if FP32_ELLA in results["training"]:
+        gain = [f["step_seconds"] / e["step_seconds"]
+                for f, e in zip(results["training"][FP32_ELLA], results["training"]["ella"])]
+        lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {', '.join(f'{g:.2f}' for g in gain)}"
+                     " ('x limit' of the fp32 row: against the bf16 limit).")
     lines += [f"- The step's necessary work: {flops['flops_per_step'] / 1e9:.0f} GFLOP over "
               f"{flops['tokens_per_step']:.0f} real tokens; at {limit / 1e12:.3f} TFLOP/s that takes {needed:.2f} s "
               "('x limit' is the step over that time).", "",

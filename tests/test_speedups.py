@@ -1,15 +1,17 @@
 """The speed-ups change no result: passes of similar length train as the whole micro-batch, and evaluating the
 rests of prompts after a shared prefix's cache predicts and scores as the whole prompts."""
 
+import contextlib
+
 import pytest
 import torch
 from accelerate import Accelerator
 
-from ella import get_method
+from ella import engine, get_method
 from ella.data import Example, Task, TaskEncoder, collate
-from ella.engine import TrainingConfig, dropout_mask, run_sequence, training_passes
+from ella.engine import EvaluationConfig, TrainingConfig, dropout_mask, run_sequence, training_passes
 from ella.evaluation import SharedPrefix, evaluate_task, option_log_likelihoods
-from ella.models import tiny_model
+from ella.models import frozen_weights_cast, tiny_model
 
 
 def test_a_micro_batch_that_fits_is_one_pass_in_its_order():
@@ -79,6 +81,48 @@ def test_generation_after_the_shared_prefix_predicts_as_whole_prompts(tasks):
         expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     assert score.predictions == expected
     assert len(set(expected)) > 1  # the prompts lead to different text: a prediction off its own prompt shows
+
+
+def test_frozen_weights_cast_once_train_and_predict_bit_for_bit_as_autocast(monkeypatch, tasks):
+    """Under bf16 autocast on a CPU, training with the frozen weights' bf16 copies made once gives exactly the
+    losses, merged weights and predictions of autocast's casts at every product; the fp32 weights and the head's
+    tie come back."""
+    def run(cast_once: bool):
+        if not cast_once:
+            monkeypatch.setattr(engine, "frozen_weights_cast", lambda *args: contextlib.nullcontext())
+        model, tokenizer = tiny_model()
+        model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's head is
+        training = TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="bf16")
+        model, result = run_sequence(model, tokenizer, tasks, get_method("inclora"), training,
+                                     EvaluationConfig(mode="generate", max_new_tokens=4))
+        monkeypatch.undo()
+        return model, result
+
+    model, result = run(cast_once=True)
+    reference_model, reference = run(cast_once=False)
+    assert [log["steps"]["loss"] for log in result.task_logs] == [log["steps"]["loss"] for log in reference.task_logs]
+    assert result.final_predictions == reference.final_predictions and result.matrix == reference.matrix
+    for (name, weight), reference_weight in zip(model.state_dict().items(), reference_model.state_dict().values()):
+        assert weight.dtype == torch.float32 and torch.equal(weight, reference_weight), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again
+
+
+def test_frozen_weights_cast_copies_only_frozen_linear_weights_and_puts_them_back():
+    model, _ = tiny_model()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    trained = model.model.layers[0].self_attn.q_proj.weight
+    frozen = [p for name, p in model.named_parameters() if name != "model.layers.0.self_attn.q_proj.weight"]
+    for weight in frozen:
+        weight.requires_grad_(False)
+    before = {name: weight for name, weight in model.named_parameters(remove_duplicate=False)}
+    with frozen_weights_cast(model, "bf16", torch.device("cpu")):
+        assert model.lm_head.weight.dtype == model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+        assert torch.equal(model.lm_head.weight, before["lm_head.weight"].to(torch.bfloat16))
+        assert model.model.embed_tokens.weight.dtype == torch.float32  # the embedding as autocast keeps it
+        assert model.model.layers[0].self_attn.q_proj.weight is trained  # it trains: autocast caches its cast
+    with frozen_weights_cast(model, "no", torch.device("cpu")):
+        assert model.lm_head.weight.dtype == torch.float32
+    assert all(weight is before[name] for name, weight in model.named_parameters(remove_duplicate=False))
 
 
 def test_dropout_mask_drops_each_element_with_probability_p():
