@@ -164,7 +164,8 @@ def test_a_run_resumed_where_auto_means_another_precision_is_refused(tmp_path, m
     record = json.loads((checkpoint.commits(out)[-1][1] / checkpoint.RESULTS).read_text())
     assert record["training_config"]["mixed_precision"] == record["mixed_precision"] == "no"
     cpu_with_bf16(monkeypatch, True)  # another machine, where "auto" is bf16
-    with pytest.raises(EllaError, match="other settings \\(training_config differ"):
+    with pytest.raises(EllaError, match="other settings \\(training_config differ: mixed_precision 'no' then, "
+                                         "'bf16' now\\)"):
         run("ella", out, training=auto, resume=True)
     cpu_with_bf16(monkeypatch, True)
     _, resumed = run("ella", out, resume=True)  # --mixed-precision no: the precision it started in

@@ -295,10 +295,20 @@ def check_settings(output_dir: Path, record: dict, header: dict) -> None:
                 for key in RESUME_KEYS if key in record}
     if recorded.get("training_config", {}).get("mixed_precision") == "auto":  # ella <= 0.5 recorded the choice
         recorded["training_config"] = {**recorded["training_config"], "mixed_precision": record.get("mixed_precision")}
-    different = [key for key, value in recorded.items() if value != expected.get(key)]
+    different = [_difference(key, value, expected.get(key)) for key, value in recorded.items()
+                 if value != expected.get(key)]
     if different:
-        raise EllaError(f"the run in {output_dir} was made with other settings ({', '.join(different)} differ); "
+        raise EllaError(f"the run in {output_dir} was made with other settings ({'; '.join(different)}); "
                         "resume it with the same options, or choose another --output-dir, or pass --overwrite")
+
+
+def _difference(key: str, recorded, expected) -> str:
+    """'key differ', with the options that differ where the section is one of options (the run's configs)."""
+    if key.endswith("_config") and isinstance(recorded, dict) and isinstance(expected, dict):
+        options = [f"{name} {recorded.get(name)!r} then, {expected.get(name)!r} now"
+                   for name in sorted(recorded.keys() | expected.keys()) if recorded.get(name) != expected.get(name)]
+        return f"{key} differ: {', '.join(options)}"
+    return f"{key} differ"
 
 
 def holds_run(output_dir: Path) -> bool:
