@@ -291,15 +291,24 @@ def check_settings(output_dir: Path, record: dict, header: dict) -> None:
     """The settings of ``RESUME_KEYS`` must match (those a run made by an older ella did not record are skipped, or
     taken at the value of ``ADDED_SETTINGS``)."""
     expected = json.loads(json.dumps(header))
+    if "training_config" in record:
+        record = {**record, "training_config": recorded_training_config(record)}
     recorded = {key: {**ADDED_SETTINGS[key], **record[key]} if key in ADDED_SETTINGS else record[key]
                 for key in RESUME_KEYS if key in record}
-    if recorded.get("training_config", {}).get("mixed_precision") == "auto":  # ella <= 0.5 recorded the choice
-        recorded["training_config"] = {**recorded["training_config"], "mixed_precision": record.get("mixed_precision")}
     different = [_difference(key, value, expected.get(key)) for key, value in recorded.items()
                  if value != expected.get(key)]
     if different:
         raise EllaError(f"the run in {output_dir} was made with other settings ({'; '.join(different)}); "
                         "resume it with the same options, or choose another --output-dir, or pass --overwrite")
+
+
+def recorded_training_config(record: dict) -> dict:
+    """The run's training settings, its precision as what it computed in (ella <= 0.5 recorded the choice, "auto",
+    and what that resolved to beside it)."""
+    config = record.get("training_config", {})
+    if config.get("mixed_precision") == "auto":
+        return {**config, "mixed_precision": record.get("mixed_precision")}
+    return config
 
 
 def _difference(key: str, recorded, expected) -> str:

@@ -21,7 +21,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import RESULTS, check_output_dir, read_json, read_run, rng_state, run_status
+from .checkpoint import (RESULTS, check_output_dir, read_json, read_run, recorded_training_config, rng_state,
+                         run_status)
 from .continuation import PreviousRun, save_run_model
 from .data import BENCHMARK_ORDERS, load_cl_benchmark, load_task_sequence
 from .engine import (EVAL_SCHEDULES, MIXED_PRECISION, EvaluationConfig, SequenceResult, TrainingConfig,
@@ -253,7 +254,7 @@ def run(spec: RunSpec):
             print(f"ella: continuing {spec.continue_run} ({name} on {model_name}, {len(learnt)} tasks: "
                   f"{', '.join(t.name for t in learnt)}) with {source}: {len(tasks)} more "
                   f"({', '.join(t.name for t in tasks)}); {loaded}", file=sys.stderr)
-            recorded = previous.record.get("training_config", {})
+            recorded = recorded_training_config(previous.record)
             changed = [f"{key} {value} (was {recorded[key]})" for key, value in dataclasses.asdict(training).items()
                        if key in recorded and recorded[key] != value]
             if changed:
