@@ -167,7 +167,7 @@ def test_a_run_resumed_where_auto_means_another_precision_is_refused(tmp_path, m
     with pytest.raises(EllaError, match="other settings \\(training_config differ: mixed_precision 'no' then, "
                                          "'bf16' now\\)"):
         run("ella", out, training=auto, resume=True)
-    cpu_with_bf16(monkeypatch, True)
+    cpu_with_bf16(monkeypatch, True)  # the same machine, a fresh accelerate state for the next run
     _, resumed = run("ella", out, resume=True)  # --mixed-precision no: the precision it started in
     assert resumed.complete
 
