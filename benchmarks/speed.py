@@ -19,13 +19,15 @@ process's own):
 - on an AMD CPU with torch's MKL: the matrix products, ella's step and evaluation again with MKL's vendor check
   overridden (see ``mkl_override``), a lever outside ella that a user can pull;
 - where ella chooses bf16 autocast (a CPU with AMX or AVX-512 BF16): its step and evaluation again in fp32, to
-  show what the choice gains and that the predictions stay the same.
+  show what the choice gains and that the predictions stay the same; its step again with torch's fused attention
+  kernel in place of the plain matrix products ella trains with there.
 Writes benchmarks/results/speed.md and speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ella
 from ella.data import IGNORE_INDEX, TaskEncoder
+from ella import engine
 from ella.engine import (EvaluationConfig, TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision,
                          train_task, training_schedule)
 from ella.evaluation import answer_token_nll, evaluate_task
@@ -123,8 +126,11 @@ def training_data(tasks_used: int):
 
 
 def ella_training(tasks_used: int, tokens_per_pass: int = TrainingConfig.tokens_per_pass,
-                  precision: str = "auto") -> dict:
-    """ella's ``train_task`` (IncLoRA: a fresh LoRA per task) over the tasks' first steps."""
+                  precision: str = "auto", fused_attention: bool = False) -> dict:
+    """ella's ``train_task`` (IncLoRA: a fresh LoRA per task) over the tasks' first steps; ``fused_attention``: with
+    torch's fused attention kernel where ella takes plain products (``training_attention``, under bf16 on a CPU)."""
+    if fused_attention:
+        engine.training_attention = lambda *args: contextlib.nullcontext()
     model, tokenizer, tasks, items = training_data(tasks_used)
     config = TrainingConfig(batch_size=BATCH, max_length=MAX_LENGTH, tokens_per_pass=tokens_per_pass,
                             mixed_precision=precision)
@@ -212,6 +218,7 @@ def necessary_training_flops(tasks_used: int) -> dict:
 
 
 FP32_ELLA, FP32_EVAL = "ella (`train_task`), fp32", f"prefix cached, batch {EVAL_BATCH}, fp32"  # where ella chose bf16
+FUSED_ELLA = "ella (`train_task`), torch's fused attention"  # where ella chose bf16: the kernel it replaces
 EVAL_VARIANTS = {  # label -> (shared prefix, batch size, precision); FLOPs are counted for ella's choice at batch 8
     f"prefix cached, batch {EVAL_BATCH}": (True, EVAL_BATCH, "auto"), "prefix cached, batch 16": (True, 16, "auto"),
     f"whole prompts, batch {EVAL_BATCH}": (False, EVAL_BATCH, "auto"), FP32_EVAL: (True, EVAL_BATCH, "no")}
@@ -249,6 +256,7 @@ def evaluation(variant: str) -> dict:
 
 PROBES = {"ella": ella_training, "plain": plain_training, "flops": necessary_training_flops,
           FP32_ELLA: lambda tasks: ella_training(tasks, precision="no"),
+          FUSED_ELLA: lambda tasks: ella_training(tasks, fused_attention=True),
           "matmul": lambda tasks: matmul_throughput(used_dtype(), 10, MATMUL_SHAPES),
           **{variant: lambda tasks, variant=variant: evaluation(variant) for variant in EVAL_VARIANTS}}
 
@@ -277,6 +285,7 @@ def measure(rounds: int, tasks_used: int) -> dict:
             probes[OVERRIDDEN_ELLA] = ("ella", override)
         if dtype == torch.bfloat16:  # whether ella's choice of bf16 pays on this CPU, and keeps the predictions
             probes[FP32_ELLA] = (FP32_ELLA, None)
+            probes[FUSED_ELLA] = (FUSED_ELLA, None)
         measured = {label: [] for label in products}
         runs = {label: [] for label in probes}
         for r in range(rounds):
@@ -358,6 +367,11 @@ def write_report(results: dict) -> None:
                 for f, e in zip(results["training"][FP32_ELLA], results["training"]["ella"])]
         lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {', '.join(f'{g:.2f}' for g in gain)}"
                      " ('x limit' of the fp32 row: against the bf16 limit).")
+    if FUSED_ELLA in results["training"]:
+        gain = [f["step_seconds"] / e["step_seconds"]
+                for f, e in zip(results["training"][FUSED_ELLA], results["training"]["ella"])]
+        lines.append("- ella with torch's fused attention kernel / with plain matrix products (its choice under bf16 "
+                     f"on a CPU), per round: {', '.join(f'{g:.2f}' for g in gain)}.")
     lines += [f"- The step's necessary work: {flops['flops_per_step'] / 1e9:.0f} GFLOP over "
               f"{flops['tokens_per_step']:.0f} real tokens; at {limit / 1e12:.3f} TFLOP/s that takes {needed:.2f} s "
               "('x limit' is the step over that time).", "",

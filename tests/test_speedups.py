@@ -11,7 +11,7 @@ from ella import engine, get_method
 from ella.data import Example, Task, TaskEncoder, collate
 from ella.engine import EvaluationConfig, TrainingConfig, dropout_mask, run_sequence, training_passes
 from ella.evaluation import SharedPrefix, evaluate_task, option_log_likelihoods
-from ella.models import frozen_weights_cast, tiny_model
+from ella.models import frozen_weights_cast, tiny_model, training_attention
 
 
 def test_a_micro_batch_that_fits_is_one_pass_in_its_order():
@@ -124,6 +124,42 @@ def test_frozen_weights_cast_copies_only_frozen_linear_weights_and_puts_them_bac
         assert model.lm_head.weight.dtype == torch.float32
     assert all(weight is before[name] for name, weight in model.named_parameters(remove_duplicate=False))
 
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_training_attention_is_plain_products_under_cpu_bf16_only_and_comes_back(seq2seq):
+    model, _ = tiny_model(seq2seq)
+    assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, "bf16", torch.device("cpu")):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, "no", torch.device("cpu")):
+        assert model.config._attn_implementation == "sdpa"
+    with training_attention(model, "bf16", torch.device("cuda")):
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_training_with_plain_attention_products_learns_as_the_fused_kernel(monkeypatch, tasks):
+    """Under bf16 autocast the plain products and torch's fused kernel train to the same losses and predictions up
+    to bf16 rounding; the run ends with the model's own attention."""
+    def run(plain: bool):
+        if not plain:
+            monkeypatch.setattr(engine, "training_attention", lambda *args: contextlib.nullcontext())
+        model, tokenizer = tiny_model()
+        training = TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="bf16")
+        model, result = run_sequence(model, tokenizer, tasks, get_method("inclora"), training,
+                                     EvaluationConfig(mode="rank"))
+        monkeypatch.undo()
+        return model, result
+
+    model, result = run(plain=True)
+    _, reference = run(plain=False)
+    assert model.config._attn_implementation == "sdpa"
+    losses = [loss for log in result.task_logs for loss in log["steps"]["loss"]]
+    reference_losses = [loss for log in reference.task_logs for loss in log["steps"]["loss"]]
+    assert losses != reference_losses  # the two paths ran: bf16 rounds them differently
+    assert losses == pytest.approx(reference_losses, rel=2e-2)
+    assert result.matrix == reference.matrix
 
 def test_dropout_mask_drops_each_element_with_probability_p():
     """The fast mask: values 0 or 1/(1-p), a fraction p of zeros (within 5 standard errors over 400,000 draws),

@@ -37,7 +37,7 @@ from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
 from .evaluation import EVAL_MODES, TaskScore, answer_token_nll, evaluate_task, scoring_description
 from .methods import ContinualMethod, TaskData
-from .models import frozen_weights_cast, is_seq2seq
+from .models import frozen_weights_cast, is_seq2seq, training_attention
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 EVAL_SCHEDULES = {
@@ -391,7 +391,8 @@ def train_task(model, method: ContinualMethod, task_index: int, task: Task, item
     bar = tqdm(total=len(schedule), desc=f"train {task_index + 1}/{num_tasks} {task.name}",
                disable=not accelerator.is_local_main_process, leave=False)
     lengths = [len(item.input_ids) for item in items]
-    with training_dropout(share), frozen_weights_cast(raw, accelerator.mixed_precision, accelerator.device):
+    with (training_dropout(share), frozen_weights_cast(raw, accelerator.mixed_precision, accelerator.device),
+          training_attention(raw, accelerator.mixed_precision, accelerator.device)):
         for step, micro_batches in enumerate(schedule, 1):
             # every process takes its share of each pass, so a pass holds up to tokens_per_pass per process
             passes = [p for indices in micro_batches
