@@ -34,7 +34,8 @@ def test_every_efficiency_step_probe_runs(label, data_dir, monkeypatch):
 def test_every_speed_probe_runs(name, data_dir, monkeypatch):
     # the tiny model, byte-level prompts, a few examples: one optimiser step per task, 4 test examples per task
     for constant, value in (("MODEL", "tiny-causal"), ("MAX_LENGTH", 1024), ("TRAIN_EXAMPLES", speed.BATCH),
-                            ("EVAL_EXAMPLES", 4), ("MATMUL_SHAPES", {"8x8x8": (8, 8, 8)})):
+                            ("EVAL_EXAMPLES", 4), ("MATMUL_SHAPES", {"8x8x8": (8, 8, 8)}),
+                            ("TRAINED_EXAMPLES", speed.BATCH)):
         monkeypatch.setattr(speed, constant, value)
     result = speed.PROBES[name](2)
     numbers = [value for row in result.values() for value in (row.values() if isinstance(row, dict) else [row])]

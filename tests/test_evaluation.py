@@ -5,8 +5,9 @@ import torch
 from accelerate import Accelerator
 from transformers import MistralConfig, MistralForCausalLM
 
-from ella import EllaError
+from ella import EllaError, evaluation, get_method
 from ella.data import IGNORE_INDEX, Example, Task, TaskEncoder, collate
+from ella.engine import EvaluationConfig, TrainingConfig, run_sequence
 from ella.evaluation import answer_token_nll, evaluate_task, option_groups, option_log_likelihoods
 from ella.scores import normalize_answer
 from ella.models import tiny_model
@@ -110,6 +111,37 @@ def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq, attention, 
     assert score.predictions == [task.labels[i] for i in scores.argmax(1).tolist()]
     assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
 
+
+
+def test_rank_scores_only_the_options_that_can_win(tasks, monkeypatch):
+    """``only_the_best``: the argmax of every option scored in full, the best option's score exact, the others at
+    their score or above it (a bound); the options whose bound falls below the best's score are not read."""
+    model, tokenizer = tiny_model()
+    training = TrainingConfig(batch_size=4, learning_rate=1e-2, epochs=20)  # a model sure of its labels
+    model, _ = run_sequence(model, tokenizer, tasks[:1], get_method("seqft"), training, EvaluationConfig(mode="rank"))
+    model.eval()
+    task = tasks[0]
+    encoder = TaskEncoder(tokenizer, task, max_length=64, seq2seq=False)
+    prompts = collate(encoder.generation(task.test), tokenizer.pad_token_id, False)
+    options = [encoder.target_ids(label) for label in task.labels]
+    assert options[0][0] == options[1][0]  # both start with a space: the first token alone bounds nothing
+    read = []
+    continuation = evaluation._causal_continuation
+    monkeypatch.setattr(evaluation, "_causal_continuation", lambda model, cache, mask, options, chosen, form:
+                        read.append(chosen) or continuation(model, cache, mask, options, chosen, form))
+    with torch.no_grad():
+        full = option_log_likelihoods(model, prompts, options)
+        assert len(read) == 1  # all options of all rows in one pass
+        read.clear()
+        best = option_log_likelihoods(model, prompts, options, only_the_best=True)
+    rows = torch.arange(len(full))
+    assert torch.equal(best.argmax(1), full.argmax(1)) and len(set(full.argmax(1).tolist())) == 2
+    torch.testing.assert_close(best[rows, full.argmax(1)], full.max(1).values, rtol=0, atol=1e-5)
+    assert (best >= full - 1e-5).all()
+    leaders, rest = read  # the likeliest first token's option in every row, then what can still beat it
+    assert leaders == [[0]] * len(full)  # a tie on the space: the first option leads
+    assert rest == [[] if full[row].argmax() == 0 else [1] for row in range(len(full))]
+    assert (best[:, 1] > full[:, 1] + 1e-4)[full.argmax(1) == 0].all()  # left with their bound
 
 def test_processes_share_the_test_examples_and_gather_every_prediction(tasks, monkeypatch):
     """Two processes, simulated in turn: each predicts every other example, and the gathered predictions are those

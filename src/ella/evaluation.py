@@ -3,7 +3,8 @@
 - ``generate`` (default, the papers' protocol): greedy decoding of the continuation only, scored by the task's
   metric (``ella.scores``): the normalised exact match on the CL benchmark, ROUGE-L, SARI, ... elsewhere.
 - ``rank``: the label option with the highest log-likelihood ``Σ log p(label tokens + EOS | prompt)`` wins;
-  the prompt and all options in two forward passes (no decoding loop), never off the label set.
+  the prompt and then the options in a few forward passes (no decoding loop), reading to their end only the options
+  that can still win; never off the label set.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def _rank_predictor(model, task: Task, encoder: TaskEncoder, prefix: SharedPrefi
     options = [encoder.target_ids(label) for label in task.labels]
 
     def predict(batch: dict[str, torch.Tensor]) -> list[str]:
-        scores = option_log_likelihoods(model, batch, options, prefix)
+        scores = option_log_likelihoods(model, batch, options, prefix, only_the_best=True)
         return [task.labels[best] for best in scores.argmax(1).tolist()]
 
     return predict
@@ -184,7 +185,7 @@ OPTION_TOKENS_PER_PASS = 256  # scored option tokens per prompt in one forward p
 
 
 def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[list[int]],
-                           prefix: SharedPrefix | None = None) -> torch.Tensor:
+                           prefix: SharedPrefix | None = None, only_the_best: bool = False) -> torch.Tensor:
     """log p(option | prompt) for every prompt of the batch and every option (token ids ending with EOS), (E, K);
     with a causal ``prefix``, the batch holds the prompts' rests after it.
 
@@ -192,6 +193,13 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
     keeps the prompt's key/value cache and reads all options as one continuation whose attention mask lets each
     option token see the prompt and the earlier tokens of its own option only; an encoder-decoder runs its decoder
     on every (prompt, option) pair, reusing the encoder output.
+
+    ``only_the_best`` (causal LMs): each row's argmax is exact, the other scores may stop early. Every further token
+    adds a log-probability <= 0, so an option's score so far bounds its total from above. The option whose first
+    token is likeliest is scored in full first; its pass also gives, where another option leaves its tokens, the
+    log-probability of that option's next token, which bounds the other option's score; only the options whose
+    bound reaches the first one's score are scored in full after it, the others keep their bound. A trained
+    model's best option usually leaves no other in the running.
     """
     mask = batch["attention_mask"]
     scores = torch.zeros(mask.shape[0], len(options), device=mask.device)
@@ -215,10 +223,40 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
                 logits_to_keep=1, **with_cache(model, cache))
     first = out.logits[:, -1].float().log_softmax(-1)  # predicts each option's first token
     scores += first[:, [option[0] for option in options]]
-    for group in option_groups(options):
-        scores[:, group] += _causal_option_scores(model, cache, mask, [options[k] for k in group],
-                                                     form)
+    if not only_the_best:
+        _add_causal_option_scores(model, cache, mask, options, [range(len(options))] * len(mask), form, scores)
+        return scores
+    leaders = scores.argmax(1).tolist()
+    log_probs, targets = _causal_continuation(model, cache, mask, options, [[k] for k in leaders], form)
+    # step j: the distribution the leader's token j comes from (step 0: after the prompt) and that token's log p
+    log_probs = torch.cat([first[:, None], log_probs], 1) if log_probs.shape[1] else first[:, None]
+    targets = torch.cat([torch.tensor([[options[k][0]] for k in leaders], device=mask.device), targets], 1)
+    taken = target_log_probs(log_probs, targets)
+    before = F.pad(taken.cumsum(1), (1, 0))  # log p of the leader's first j tokens
+    in_the_running = []
+    for row, leader in enumerate(leaders):
+        scores[row, leader] = before[row, len(options[leader])]
+        running = []
+        for k, option in enumerate(options):
+            shared = common_prefix_length(option, options[leader])
+            if shared == len(option):  # the leader, or a copy of it
+                scores[row, k] = scores[row, leader]
+                continue
+            scores[row, k] = before[row, shared] + log_probs[row, shared, option[shared]]  # its bound
+            if scores[row, k] >= scores[row, leader] and len(option) > shared + 1:
+                running.append(k)
+        in_the_running.append(running)
+    for row, running in enumerate(in_the_running):  # back to their first token's log p, the rest to add
+        scores[row, running] = first[row, [options[k][0] for k in running]]
+    _add_causal_option_scores(model, cache, mask, options, in_the_running, form, scores)
     return scores
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def option_groups(options: list[list[int]]) -> list[list[int]]:
@@ -242,26 +280,48 @@ def _seq2seq_option_scores(model, encoded: torch.Tensor, mask: torch.Tensor, opt
     return -token_nll(logits, labels).sum(1).view(rows, len(options))
 
 
-def _causal_option_scores(model, cache, mask: torch.Tensor, options: list[list[int]], form: str) -> torch.Tensor:
-    """Σ log p(option[1:]) after the cached prompt, all options in one continuation; the cache is left as it was."""
-    owner = torch.tensor([k for k, option in enumerate(options) for _ in option[1:]], device=mask.device)
-    offset = torch.tensor([j for option in options for j in range(len(option) - 1)], device=mask.device)
-    if not len(owner):  # single-token options (EOS only after the prompt): nothing more to score
-        return torch.zeros(mask.shape[0], len(options), device=mask.device)
-    inputs = torch.tensor([t for option in options for t in option[:-1]], device=mask.device)
-    targets = torch.tensor([t for option in options for t in option[1:]], device=mask.device)
-    rows, steps = mask.shape[0], len(inputs)
-    own_option = (owner[:, None] == owner[None, :]) & (offset[:, None] >= offset[None, :])  # (steps, steps)
-    sees = torch.cat([mask.bool()[:, None, None, :].expand(rows, 1, steps, -1),
-                      own_option.expand(rows, 1, steps, steps)], -1)
+def _add_causal_option_scores(model, cache, mask: torch.Tensor, options: list[list[int]], chosen: list,
+                              form: str, scores: torch.Tensor) -> None:
+    """Adds Σ log p(option[1:]) after the cached prompt to ``scores`` for the options ``chosen`` for each row (its
+    option indices), in passes of at most OPTION_TOKENS_PER_PASS tokens a row."""
+    groups = [[[row_options[i] for i in group] for group in option_groups([options[k] for k in row_options])]
+              for row_options in map(list, chosen)]
+    for n in range(max(map(len, groups))):
+        passed = [row[n] if n < len(row) else [] for row in groups]
+        log_probs, targets = _causal_continuation(model, cache, mask, options, passed, form)
+        taken = target_log_probs(log_probs, targets)
+        owners = [[k for k in row for _ in options[k][1:]] for row in passed]
+        for row, row_owners in enumerate(owners):
+            if row_owners:
+                scores[row].index_add_(0, torch.tensor(row_owners, device=mask.device), taken[row, :len(row_owners)])
+
+
+def _causal_continuation(model, cache, mask: torch.Tensor, options: list[list[int]], chosen: list[list[int]],
+                         form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The options ``chosen`` for each row read after the cached prompt, a row's options as one continuation in
+    which each token sees the prompt and the earlier tokens of its own option: log p(next token) at each of their
+    tokens but the last (rows, steps, vocab), and the token each step predicts (rows, steps; IGNORE_INDEX on the
+    steps that fill a shorter row). The cache is left as it was."""
+    rows, device = mask.shape[0], mask.device
+    layouts = [[(k, j, options[k][j], options[k][j + 1]) for k in row for j in range(len(options[k]) - 1)]
+               for row in chosen]  # per row: (option, offset in it, input token, target token) at each step
+    steps = max(map(len, layouts))
+    if not steps:  # single-token options (EOS only after the prompt): nothing to read
+        return torch.zeros(rows, 0, 1, device=device), torch.zeros(rows, 0, dtype=torch.long, device=device)
+    # a shorter row is filled with steps that predict nothing and see only themselves (a query that sees no key
+    # at all turns to NaN, and NaN keys reach the other queries through their zero attention weights)
+    filler = [(-1 - j, 0, options[0][0], IGNORE_INDEX) for j in range(steps)]
+    owner, offset, inputs, targets = (torch.tensor(column, device=device).view(rows, steps) for column in
+                                      zip(*(step for layout in layouts for step in layout + filler[len(layout):])))
+    own_option = (owner[:, :, None] == owner[:, None, :]) & (offset[:, :, None] >= offset[:, None, :])
+    sees = torch.cat([mask.bool()[:, None, None, :].expand(rows, 1, steps, -1), own_option[:, None]], -1)
     if form == "eager":
         dtype = hf_model(model).dtype
         sees = torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill(~sees, torch.finfo(dtype).min)
-    logits = model(input_ids=inputs.expand(rows, -1), **with_cache(model, cache), use_cache=True, attention_mask=sees,
+    logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, attention_mask=sees,
                    position_ids=mask.sum(1, keepdim=True) + offset).logits
-    cache.crop(-steps)  # back to the prompt alone for the next group
-    per_token = -token_nll(logits, targets.expand(rows, -1))
-    return torch.zeros(rows, len(options), device=mask.device).index_add_(1, owner, per_token)
+    cache.crop(-steps)  # back to the prompt alone for the next pass
+    return logits.float().log_softmax(-1), targets
 
 
 def with_cache(model, cache: DynamicCache) -> dict:
@@ -290,6 +350,11 @@ def sliding_window(model) -> int | None:
     if getattr(config, "use_sliding_window", True) is False or (layer_types and "sliding_attention" not in layer_types):
         return None
     return window
+
+
+def target_log_probs(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) at each position of (B, L, V) log-probabilities, (B, L); 0 where the target is IGNORE_INDEX."""
+    return log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0].masked_fill(targets == IGNORE_INDEX, 0)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
