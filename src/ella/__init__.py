@@ -29,7 +29,7 @@ from .metrics import summarize
 from .models import load_model, save_model
 from .runspec import RunSpec, run
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 __all__ = ["METHODS", "PARTS", "ContinualMethod", "EllaError", "EvaluationConfig", "Example", "SequenceResult", "Task",
            "TaskData", "TrainingConfig", "get_method", "load_cl_benchmark", "load_model", "load_task_sequence",
            "register_method", "register_part", "run", "RunSpec", "run_sequence", "save_model", "summarize"]

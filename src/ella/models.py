@@ -84,15 +84,14 @@ def frozen_weights_cast(model: torch.nn.Module, mixed_precision: str, device: to
             module.weight = weight
 
 
-
 @contextmanager
 def training_attention(model: torch.nn.Module, mixed_precision: str, device: torch.device):
     """Under bf16 autocast on a CPU, attention as transformers' plain matrix products ("eager") while training, in
     place of torch's fused kernel ("sdpa"); the model's own choice comes back after.
 
     On 2 CPU cores the fused kernel's backward ran at about 70 GFLOP/s on SmolLM2's shapes (a few hundred tokens,
-    64-wide heads), where bf16 matrix products reach 0.8 TFLOP/s: a LoRA step took about a quarter less with the
-    plain products (benchmarks/speed.py measures both). In fp32 the two measured alike, and evaluation was no
+    64-wide heads), where bf16 matrix products reach 0.8 TFLOP/s: with the kernel a LoRA step took 1.12-1.33 x as
+    long as with the plain products, alternating over four rounds (benchmarks/speed.py measures both). In fp32 the two measured alike, and evaluation was no
     faster, so both keep the fused kernel. The results differ by bf16 rounding only.
     """
     inner = hf_model(model)
