@@ -393,20 +393,18 @@ def write_report(results: dict) -> None:
     flops = results["training_flops"]
     lines += ["", f"- ella / plain loop, per round: {', '.join(f'{r:.2f}' for r in results['step_ratio'])} "
               f"(median {statistics.median(results['step_ratio']):.2f})."]
+    def against_ella(label: str) -> str:  # a variant's step over ella's, round by round
+        return ", ".join(f"{v['step_seconds'] / e['step_seconds']:.2f}"
+                         for v, e in zip(results["training"][label], results["training"]["ella"]))
+
     if overridden:
-        gain = [o["step_seconds"] / e["step_seconds"]
-                for o, e in zip(results["training"][OVERRIDDEN_ELLA], results["training"]["ella"])]
-        lines.append(f"- ella with / without the MKL override, per round: {', '.join(f'{g:.2f}' for g in gain)}.")
+        lines.append(f"- ella with / without the MKL override, per round: {against_ella(OVERRIDDEN_ELLA)}.")
     if FP32_ELLA in results["training"]:
-        gain = [f["step_seconds"] / e["step_seconds"]
-                for f, e in zip(results["training"][FP32_ELLA], results["training"]["ella"])]
-        lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {', '.join(f'{g:.2f}' for g in gain)}"
-                     " ('x limit' of the fp32 row: against the bf16 limit).")
+        lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {against_ella(FP32_ELLA)} ('x limit' "
+                     "of the fp32 row: against the bf16 limit).")
     if FUSED_ELLA in results["training"]:
-        gain = [f["step_seconds"] / e["step_seconds"]
-                for f, e in zip(results["training"][FUSED_ELLA], results["training"]["ella"])]
         lines.append("- ella with torch's fused attention kernel / with plain matrix products (its choice under bf16 "
-                     f"on a CPU), per round: {', '.join(f'{g:.2f}' for g in gain)}.")
+                     f"on a CPU), per round: {against_ella(FUSED_ELLA)}.")
     lines += [f"- The step's necessary work: {flops['flops_per_step'] / 1e9:.0f} GFLOP over "
               f"{flops['tokens_per_step']:.0f} real tokens; at {limit / 1e12:.3f} TFLOP/s that takes {needed:.2f} s "
               "('x limit' is the step over that time).", "",

@@ -112,7 +112,6 @@ def test_rank_scores_are_each_options_log_likelihood(tasks, seq2seq, attention, 
     assert score.accuracy == 100 * sum(p == e.output for p, e in zip(score.predictions, task.test)) / len(task.test)
 
 
-
 def test_rank_scores_only_the_options_that_can_win(tasks, monkeypatch):
     """``only_the_best``: the argmax of every option scored in full, the best option's score exact, the others at
     their score or above it (a bound); the options whose bound falls below the best's score are not read."""
@@ -142,6 +141,7 @@ def test_rank_scores_only_the_options_that_can_win(tasks, monkeypatch):
     assert leaders == [[0]] * len(full)  # a tie on the space: the first option leads
     assert rest == [[] if full[row].argmax() == 0 else [1] for row in range(len(full))]
     assert (best[:, 1] > full[:, 1] + 1e-4)[full.argmax(1) == 0].all()  # left with their bound
+
 
 def test_processes_share_the_test_examples_and_gather_every_prediction(tasks, monkeypatch):
     """Two processes, simulated in turn: each predicts every other example, and the gathered predictions are those

@@ -86,23 +86,26 @@ def test_generation_after_the_shared_prefix_predicts_as_whole_prompts(tasks):
     assert len(set(expected)) > 1  # the prompts lead to different text: a prediction off its own prompt shows
 
 
+def inclora_in_bf16(tasks, evaluation: EvaluationConfig, monkeypatch, without: str | None = None):
+    """The tiny model (its head tied to the embedding, as SmolLM2's is) through IncLoRA under bf16 autocast;
+    ``without``: the engine's speed-up of that name (a context manager) left out."""
+    if without:
+        monkeypatch.setattr(engine, without, lambda *args: contextlib.nullcontext())
+    model, tokenizer = tiny_model()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    training = TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="bf16")
+    model, result = run_sequence(model, tokenizer, tasks, get_method("inclora"), training, evaluation)
+    monkeypatch.undo()
+    return model, result
+
+
 def test_frozen_weights_cast_once_train_and_predict_bit_for_bit_as_autocast(monkeypatch, tasks):
     """Under bf16 autocast on a CPU, training with the frozen weights' bf16 copies made once gives exactly the
     losses, merged weights and predictions of autocast's casts at every product; the fp32 weights and the head's
     tie come back."""
-    def run(cast_once: bool):
-        if not cast_once:
-            monkeypatch.setattr(engine, "frozen_weights_cast", lambda *args: contextlib.nullcontext())
-        model, tokenizer = tiny_model()
-        model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's head is
-        training = TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="bf16")
-        model, result = run_sequence(model, tokenizer, tasks, get_method("inclora"), training,
-                                     EvaluationConfig(mode="generate", max_new_tokens=4))
-        monkeypatch.undo()
-        return model, result
-
-    model, result = run(cast_once=True)
-    reference_model, reference = run(cast_once=False)
+    evaluation = EvaluationConfig(mode="generate", max_new_tokens=4)
+    model, result = inclora_in_bf16(tasks, evaluation, monkeypatch)
+    reference_model, reference = inclora_in_bf16(tasks, evaluation, monkeypatch, without="frozen_weights_cast")
     assert [log["steps"]["loss"] for log in result.task_logs] == [log["steps"]["loss"] for log in reference.task_logs]
     assert result.final_predictions == reference.final_predictions and result.matrix == reference.matrix
     for (name, weight), reference_weight in zip(model.state_dict().items(), reference_model.state_dict().values()):
@@ -128,7 +131,6 @@ def test_frozen_weights_cast_copies_only_frozen_linear_weights_and_puts_them_bac
     assert all(weight is before[name] for name, weight in model.named_parameters(remove_duplicate=False))
 
 
-
 @pytest.mark.parametrize("seq2seq", [False, True])
 def test_training_attention_is_plain_products_under_cpu_bf16_only_and_comes_back(seq2seq):
     model, _ = tiny_model(seq2seq)
@@ -145,18 +147,8 @@ def test_training_attention_is_plain_products_under_cpu_bf16_only_and_comes_back
 def test_training_with_plain_attention_products_learns_as_the_fused_kernel(monkeypatch, tasks):
     """Under bf16 autocast the plain products and torch's fused kernel train to the same losses and predictions up
     to bf16 rounding; the run ends with the model's own attention."""
-    def run(plain: bool):
-        if not plain:
-            monkeypatch.setattr(engine, "training_attention", lambda *args: contextlib.nullcontext())
-        model, tokenizer = tiny_model()
-        training = TrainingConfig(batch_size=4, learning_rate=1e-2, mixed_precision="bf16")
-        model, result = run_sequence(model, tokenizer, tasks, get_method("inclora"), training,
-                                     EvaluationConfig(mode="rank"))
-        monkeypatch.undo()
-        return model, result
-
-    model, result = run(plain=True)
-    _, reference = run(plain=False)
+    model, result = inclora_in_bf16(tasks, EvaluationConfig(mode="rank"), monkeypatch)
+    _, reference = inclora_in_bf16(tasks, EvaluationConfig(mode="rank"), monkeypatch, without="training_attention")
     assert model.config._attn_implementation == "sdpa"
     losses = [loss for log in result.task_logs for loss in log["steps"]["loss"]]
     reference_losses = [loss for log in reference.task_logs for loss in log["steps"]["loss"]]
@@ -175,6 +167,7 @@ def test_importing_ella_bounds_onednn_kernel_caches_unless_the_user_set_them(pre
     read = "import os, ella; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
     out = subprocess.run([sys.executable, "-c", read], env=environment, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["16", preset or "16"]
+
 
 def test_dropout_mask_drops_each_element_with_probability_p():
     """The fast mask: values 0 or 1/(1-p), a fraction p of zeros (within 5 standard errors over 400,000 draws),

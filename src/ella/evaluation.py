@@ -227,7 +227,7 @@ def option_log_likelihoods(model, batch: dict[str, torch.Tensor], options: list[
         _add_causal_option_scores(model, cache, mask, options, [range(len(options))] * len(mask), form, scores)
         return scores
     leaders = scores.argmax(1).tolist()
-    log_probs, targets = _causal_continuation(model, cache, mask, options, [[k] for k in leaders], form)
+    log_probs, targets, _ = _causal_continuation(model, cache, mask, options, [[k] for k in leaders], form)
     # step j: the distribution the leader's token j comes from (step 0: after the prompt) and that token's log p
     log_probs = torch.cat([first[:, None], log_probs], 1) if log_probs.shape[1] else first[:, None]
     targets = torch.cat([torch.tensor([[options[k][0]] for k in leaders], device=mask.device), targets], 1)
@@ -288,26 +288,25 @@ def _add_causal_option_scores(model, cache, mask: torch.Tensor, options: list[li
               for row_options in map(list, chosen)]
     for n in range(max(map(len, groups))):
         passed = [row[n] if n < len(row) else [] for row in groups]
-        log_probs, targets = _causal_continuation(model, cache, mask, options, passed, form)
-        taken = target_log_probs(log_probs, targets)
-        owners = [[k for k in row for _ in options[k][1:]] for row in passed]
-        for row, row_owners in enumerate(owners):
-            if row_owners:
-                scores[row].index_add_(0, torch.tensor(row_owners, device=mask.device), taken[row, :len(row_owners)])
+        log_probs, targets, owner = _causal_continuation(model, cache, mask, options, passed, form)
+        column = torch.where(owner >= 0, owner, len(options))  # filler steps add to a column dropped below
+        scores += torch.zeros(len(mask), len(options) + 1, device=mask.device).scatter_add_(
+            1, column, target_log_probs(log_probs, targets))[:, :-1]
 
 
 def _causal_continuation(model, cache, mask: torch.Tensor, options: list[list[int]], chosen: list[list[int]],
-                         form: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The options ``chosen`` for each row read after the cached prompt, a row's options as one continuation in
     which each token sees the prompt and the earlier tokens of its own option: log p(next token) at each of their
-    tokens but the last (rows, steps, vocab), and the token each step predicts (rows, steps; IGNORE_INDEX on the
-    steps that fill a shorter row). The cache is left as it was."""
+    tokens but the last (rows, steps, vocab), the token each step predicts and the option it belongs to (rows,
+    steps; IGNORE_INDEX and a negative option on the steps that fill a shorter row). The cache is left as it was."""
     rows, device = mask.shape[0], mask.device
     layouts = [[(k, j, options[k][j], options[k][j + 1]) for k in row for j in range(len(options[k]) - 1)]
                for row in chosen]  # per row: (option, offset in it, input token, target token) at each step
     steps = max(map(len, layouts))
     if not steps:  # single-token options (EOS only after the prompt): nothing to read
-        return torch.zeros(rows, 0, 1, device=device), torch.zeros(rows, 0, dtype=torch.long, device=device)
+        nothing = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        return torch.zeros(rows, 0, 1, device=device), nothing, nothing
     # a shorter row is filled with steps that predict nothing and see only themselves (a query that sees no key
     # at all turns to NaN, and NaN keys reach the other queries through their zero attention weights)
     filler = [(-1 - j, 0, options[0][0], IGNORE_INDEX) for j in range(steps)]
@@ -321,7 +320,7 @@ def _causal_continuation(model, cache, mask: torch.Tensor, options: list[list[in
     logits = model(input_ids=inputs, **with_cache(model, cache), use_cache=True, attention_mask=sees,
                    position_ids=mask.sum(1, keepdim=True) + offset).logits
     cache.crop(-steps)  # back to the prompt alone for the next pass
-    return logits.float().log_softmax(-1), targets
+    return logits.float().log_softmax(-1), targets, owner
 
 
 def with_cache(model, cache: DynamicCache) -> dict:

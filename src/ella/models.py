@@ -90,9 +90,9 @@ def training_attention(model: torch.nn.Module, mixed_precision: str, device: tor
     place of torch's fused kernel ("sdpa"); the model's own choice comes back after.
 
     On 2 CPU cores the fused kernel's backward ran at about 70 GFLOP/s on SmolLM2's shapes (a few hundred tokens,
-    64-wide heads), where bf16 matrix products reach 0.8 TFLOP/s: with the kernel a LoRA step took 1.12-1.33 x as
-    long as with the plain products, alternating over four rounds (benchmarks/speed.py measures both). In fp32 the two measured alike, and evaluation was no
-    faster, so both keep the fused kernel. The results differ by bf16 rounding only.
+    64-wide heads), where bf16 matrix products reach 0.8 TFLOP/s: with the kernel a LoRA step took 1.12-1.53 x as
+    long as with the plain products per round (benchmarks/speed.py measures both). In fp32 the two measured alike,
+    and evaluation was no faster, so both keep the fused kernel. The results differ by bf16 rounding only.
     """
     inner = hf_model(model)
     if (mixed_precision != "bf16" or device.type != "cpu" or not hasattr(inner, "set_attn_implementation")
