@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import ella  # before torch: its settings of torch's CPU kernel libraries are read when torch loads
+
 import torch
 
-import ella
 from ella.data import TaskEncoder, collate
 from ella.engine import (ProcessShare, TrainingConfig, make_accelerator, peak_memory, resolve_mixed_precision,
                          train_task, training_dropout)

@@ -17,11 +17,13 @@ process's own):
 - evaluation: examples per second of greedy generation and rank classification, with and without the shared
   prefix's cache, at two batch sizes, against the time their counted FLOPs need; and by a model trained on the
   task, rank classification that reads only the options that can still win against one that reads all;
-- on an AMD CPU with torch's MKL: the matrix products, ella's step and evaluation again with MKL's vendor check
-  overridden (see ``mkl_override``), a lever outside ella that a user can pull;
+- on an AMD CPU, where ella overrides MKL's vendor check (``ella.cpu_kernels``): the matrix products, ella's step
+  and evaluation again with MKL's own choice of kernels (``ELLA_MKL_OVERRIDE=0``), to show what the override gains;
+  the plain loop runs with MKL's own choice (the libraries' defaults);
 - where ella chooses bf16 autocast (a CPU with AMX or AVX-512 BF16): its step and evaluation again in fp32, to
-  show what the choice gains and that the predictions stay the same; its step again with torch's fused attention
-  kernel in place of the plain matrix products ella trains with there.
+  show what the choice gains and that the predictions stay the same (the fp32 step with MKL's own kernels as well,
+  where ella overrides them); its step again with torch's fused attention kernel in place of the plain matrix
+  products ella trains with there.
 Writes benchmarks/results/speed.md and speed.json.
 """
 
@@ -31,21 +33,20 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from unittest import mock
 
+import ella  # before torch: its settings of torch's CPU kernel libraries are read when torch loads
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import ella
 from ella import engine
 from ella import evaluation as ella_evaluation
 from ella.data import IGNORE_INDEX, TaskEncoder
@@ -53,7 +54,7 @@ from ella.engine import (EvaluationConfig, TrainingConfig, make_accelerator, pea
                          train_task, training_schedule)
 from ella.evaluation import answer_token_nll, evaluate_task
 from ella.methods.lora import LoraHyperparameters
-from ella.provenance import cpu_name, describe_hardware, hardware
+from ella.provenance import describe_hardware, hardware
 
 RESULTS = Path(__file__).parent / "results"
 MODEL, MAX_LENGTH, BATCH, TRAIN_EXAMPLES = "smollm2-135m", 256, 8, 32  # 4 optimiser steps per task
@@ -73,27 +74,13 @@ def used_dtype() -> torch.dtype:
     return torch.bfloat16 if resolve_mixed_precision("auto") == "bf16" else torch.float32
 
 
-# MKL chooses its kernels by CPU vendor: on an AMD CPU it takes other (here slower) ones than on an Intel CPU with the
-# same instructions. Its internal check is a function a preloaded library can answer instead; Intel does not
-# support that, so ella never does it itself: the benchmark measures what it would give a user who does.
-MKL_OVERRIDE_SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
-OVERRIDDEN_ELLA = "ella (`train_task`), MKL override"  # its label among the training variants
+# A process whose MKL keeps its own choice of kernels, where ella overrides its vendor check (``ella.cpu_kernels``)
+MKL_OWN = {**os.environ, "ELLA_MKL_OVERRIDE": "0"}
+OWN_KERNELS = "MKL's own kernels"
 
 
-def mkl_override(directory: Path) -> tuple[dict | None, str]:
-    """The environment of a process whose MKL takes the kernels it takes on Intel CPUs (``LD_PRELOAD`` of a library
-    built here from ``MKL_OVERRIDE_SOURCE``), or None where that does not apply; and why."""
-    if not torch.backends.mkl.is_available():
-        return None, "not measured: torch is built without MKL"
-    if "AMD" not in cpu_name():
-        return None, "not measured: not an AMD CPU"
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        return None, "not measured: no C compiler to build the override"
-    source, library = directory / "mkl_override.c", directory / "libmkl_override.so"
-    source.write_text(MKL_OVERRIDE_SOURCE)
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
-    return {**os.environ, "LD_PRELOAD": str(library)}, "measured"
+def ella_overrides_mkl() -> bool:
+    return "overridden by ella" in (hardware(torch.device("cpu"))["mkl_vendor_check"] or "")
 
 
 MATMUL_SHAPES = {"512x576x576": (512, 576, 576), "512x576x192": (512, 576, 192), "512x576x1536": (512, 576, 1536),
@@ -310,42 +297,43 @@ def measure(rounds: int, tasks_used: int) -> dict:
     other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
     step_shape = {"512x576x1536": MATMUL_SHAPES["512x576x1536"]}  # the other precision: one shape, for comparison
     results["matmul_dtypes"] = {"used": str(dtype).removeprefix("torch."), "other": str(other).removeprefix("torch.")}
-    with tempfile.TemporaryDirectory() as scratch:  # the override's library, for the measurement's length
-        override, results["mkl_override"] = mkl_override(Path(scratch))
-        products = {"used": ("matmul", None)}  # label -> (probe, environment), measured in every round
-        probes = {"ella": ("ella", None), "plain": ("plain", None)}
-        if override:
-            products["used, MKL override"] = ("matmul", override)
-            probes[OVERRIDDEN_ELLA] = ("ella", override)
-        if dtype == torch.bfloat16:  # whether ella's choice of bf16 pays on this CPU, and keeps the predictions
-            probes[FP32_ELLA] = (FP32_ELLA, None)
-            probes[FUSED_ELLA] = (FUSED_ELLA, None)
-        measured = {label: [] for label in products}
-        runs = {label: [] for label in probes}
-        for r in range(rounds):
-            for label, (name, environment) in products.items():
-                measured[label].append(probe(name, tasks_used, environment))
-            for label, (name, environment) in probes.items():
-                runs[label].append(probe(name, tasks_used, environment))
-                print(f"round {r + 1}: {label} {runs[label][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
-        # each shape's best round: the machine's capacity, whatever else slowed one round down
-        results["matmul_flops_per_second"] = {label: {shape: max(m[shape] for m in rounds_measured)
-                                                      for shape in MATMUL_SHAPES}
-                                              for label, rounds_measured in measured.items()}
-        results["matmul_flops_per_second"]["other"] = matmul_throughput(other, 3, step_shape)
-        results["limit_flops_per_second"] = max(value for label, column in results["matmul_flops_per_second"].items()
-                                                if label != "other" for value in column.values())
-        results["training"] = runs
-        results["step_ratio"] = [e["step_seconds"] / p["step_seconds"] for e, p in zip(runs["ella"], runs["plain"])]
-        results["training_flops"] = probe("flops", tasks_used)
-        results["evaluation"] = {variant: probe(variant, tasks_used)
-                                 for variant, (_, _, precision) in EVAL_VARIANTS.items() if precision == "auto"}
-        if override:
-            default = f"prefix cached, batch {EVAL_BATCH}"
-            results["evaluation"][f"{default}, MKL override"] = probe(default, tasks_used, override)
-        if dtype == torch.bfloat16:
-            results["evaluation"][FP32_EVAL] = probe(FP32_EVAL, tasks_used)
-        results["trained_rank"] = probe("trained rank", tasks_used)
+    overrides = ella_overrides_mkl()
+    products = {"used": ("matmul", None)}  # label -> (probe, environment), measured in every round
+    probes = {"ella": ("ella", None), "plain": ("plain", MKL_OWN)}
+    if overrides:
+        products[f"used, {OWN_KERNELS}"] = ("matmul", MKL_OWN)
+        probes[f"ella, {OWN_KERNELS}"] = ("ella", MKL_OWN)
+    if dtype == torch.bfloat16:  # whether ella's choice of bf16 pays on this CPU, and keeps the predictions
+        probes[FP32_ELLA] = (FP32_ELLA, None)
+        if overrides:
+            probes[f"{FP32_ELLA}, {OWN_KERNELS}"] = (FP32_ELLA, MKL_OWN)
+        probes[FUSED_ELLA] = (FUSED_ELLA, None)
+    measured = {label: [] for label in products}
+    runs = {label: [] for label in probes}
+    for r in range(rounds):
+        for label, (name, environment) in products.items():
+            measured[label].append(probe(name, tasks_used, environment))
+        for label, (name, environment) in probes.items():
+            runs[label].append(probe(name, tasks_used, environment))
+            print(f"round {r + 1}: {label} {runs[label][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
+    # each shape's best round: the machine's capacity, whatever else slowed one round down
+    results["matmul_flops_per_second"] = {label: {shape: max(m[shape] for m in rounds_measured)
+                                                  for shape in MATMUL_SHAPES}
+                                          for label, rounds_measured in measured.items()}
+    results["matmul_flops_per_second"]["other"] = matmul_throughput(other, 3, step_shape)
+    results["limit_flops_per_second"] = max(value for label, column in results["matmul_flops_per_second"].items()
+                                            if label != "other" for value in column.values())
+    results["training"] = runs
+    results["step_ratio"] = [e["step_seconds"] / p["step_seconds"] for e, p in zip(runs["ella"], runs["plain"])]
+    results["training_flops"] = probe("flops", tasks_used)
+    results["evaluation"] = {variant: probe(variant, tasks_used)
+                             for variant, (_, _, precision) in EVAL_VARIANTS.items() if precision == "auto"}
+    if overrides:
+        default = f"prefix cached, batch {EVAL_BATCH}"
+        results["evaluation"][f"{default}, {OWN_KERNELS}"] = probe(default, tasks_used, MKL_OWN)
+    if dtype == torch.bfloat16:
+        results["evaluation"][FP32_EVAL] = probe(FP32_EVAL, tasks_used)
+    results["trained_rank"] = probe("trained rank", tasks_used)
     return results
 
 
@@ -364,7 +352,7 @@ def write_report(results: dict) -> None:
         "other precision one shape, the median of 3:", "",
     ]
     names = {"used": f"{results['matmul_dtypes']['used']} (used)",
-             "used, MKL override": f"{results['matmul_dtypes']['used']}, MKL override",
+             f"used, {OWN_KERNELS}": f"{results['matmul_dtypes']['used']}, {OWN_KERNELS}",
              "other": results["matmul_dtypes"]["other"]}
     columns = {label: results["matmul_flops_per_second"][label] for label in names
                if label in results["matmul_flops_per_second"]}
@@ -373,11 +361,12 @@ def write_report(results: dict) -> None:
     for shape in columns["used"]:
         lines.append(f"| {shape} | " + " | ".join(f"{column[shape] / 1e12:.3f}" if shape in column else ""
                                                   for column in columns.values()) + " |")
-    overridden = OVERRIDDEN_ELLA in results["training"]
+    overridden = f"ella, {OWN_KERNELS}" in results["training"]
     lines += ["", f"The limit used below: {limit / 1e12:.3f} TFLOP/s, the best of ella's precision"
-              + (" with and without the MKL override." if overridden else "."),
-              f"MKL override (a library preloaded so that MKL takes the kernels it takes on Intel CPUs; "
-              f"`mkl_override` in speed.py): {results.get('mkl_override', 'not measured')}.", "",
+              + (f" with the kernels ella has MKL take and with {OWN_KERNELS}." if overridden else "."),
+              f"MKL's vendor check (`ella.cpu_kernels`): {m.get('mkl_vendor_check')}"
+              + (f"; '{OWN_KERNELS}': a process with ELLA_MKL_OVERRIDE=0, as the plain loop." if overridden else "."),
+              "",
               "## Training step", "",
               f"SmolLM2-135M, the first {TRAIN_EXAMPLES // BATCH} optimiser steps of each of {results['tasks']} task(s) "
               f"of Standard CL order 1 (batch {BATCH}, max length {MAX_LENGTH}, rank-8 LoRA on q and v, dropout "
@@ -387,24 +376,29 @@ def write_report(results: dict) -> None:
     needed = results["training_flops"]["flops_per_step"] / limit
     for label, rows in results["training"].items():
         step = statistics.median(r["step_seconds"] for r in rows)
-        name = {"plain": "plain transformers + peft loop", "ella": "ella (`train_task`)"}.get(label, label)
+        name = {"plain": "plain transformers + peft loop" + (f", {OWN_KERNELS}" if overridden else ""),
+                "ella": "ella (`train_task`)", f"ella, {OWN_KERNELS}": f"ella (`train_task`), {OWN_KERNELS}"
+                }.get(label, label)
         lines.append(f"| {name} | {step:.2f} | {step / needed:.2f} | "
                      f"{max(r['peak_rss_bytes'] for r in rows) / 1e9:.2f} |")
     flops = results["training_flops"]
     lines += ["", f"- ella / plain loop, per round: {', '.join(f'{r:.2f}' for r in results['step_ratio'])} "
               f"(median {statistics.median(results['step_ratio']):.2f})."]
-    def against_ella(label: str) -> str:  # a variant's step over ella's, round by round
+    def against(label: str, base: str = "ella") -> str:  # a variant's step over another's, round by round
         return ", ".join(f"{v['step_seconds'] / e['step_seconds']:.2f}"
-                         for v, e in zip(results["training"][label], results["training"]["ella"]))
+                         for v, e in zip(results["training"][label], results["training"][base]))
 
     if overridden:
-        lines.append(f"- ella with / without the MKL override, per round: {against_ella(OVERRIDDEN_ELLA)}.")
+        lines.append(f"- ella with {OWN_KERNELS} / with the kernels it has MKL take, per round: "
+                     f"{against(f'ella, {OWN_KERNELS}')}"
+                     + (f"; in fp32: {against(f'{FP32_ELLA}, {OWN_KERNELS}', FP32_ELLA)}."
+                        if f"{FP32_ELLA}, {OWN_KERNELS}" in results["training"] else "."))
     if FP32_ELLA in results["training"]:
-        lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {against_ella(FP32_ELLA)} ('x limit' "
+        lines.append(f"- ella in fp32 / in bf16 autocast (its choice), per round: {against(FP32_ELLA)} ('x limit' "
                      "of the fp32 row: against the bf16 limit).")
     if FUSED_ELLA in results["training"]:
         lines.append("- ella with torch's fused attention kernel / with plain matrix products (its choice under bf16 "
-                     f"on a CPU), per round: {against_ella(FUSED_ELLA)}.")
+                     f"on a CPU), per round: {against(FUSED_ELLA)}.")
     lines += [f"- The step's necessary work: {flops['flops_per_step'] / 1e9:.0f} GFLOP over "
               f"{flops['tokens_per_step']:.0f} real tokens; at {limit / 1e12:.3f} TFLOP/s that takes {needed:.2f} s "
               "('x limit' is the step over that time).", "",

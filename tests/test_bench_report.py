@@ -321,6 +321,9 @@ def test_hardware_line():
     machine = {"cpu": "AMD EPYC", "cpu_model": "family 25 model 1 stepping 1", "l3_cache": "32 MiB",
                "cpu_instructions": "AVX2", "torch_threads": 1, "gpu": None}
     assert describe_hardware(machine) == "AMD EPYC (family 25 model 1 stepping 1, 32 MiB L3, AVX2), 1 torch thread"
+    overridden = {**machine, "mkl_vendor_check": "says Intel (overridden by ella)"}
+    assert describe_hardware(overridden) == ("AMD EPYC (family 25 model 1 stepping 1, 32 MiB L3, AVX2, MKL's Intel "
+                                             "kernels), 1 torch thread")
     older = {"cpu": "AMD EPYC", "cpu_instructions": "AVX2", "torch_threads": 2, "gpu": "NVIDIA H200"}  # (ella <= 0.5)
     assert describe_hardware(older) == "AMD EPYC (AVX2), 2 torch threads, GPU NVIDIA H200"
 

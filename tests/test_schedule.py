@@ -106,7 +106,10 @@ def test_results_hold_no_absolute_path_and_the_hardware(sequence_file, tmp_path,
                                         "--batch-size 4 --max-length=64 --mixed-precision no --save-model")
     assert record["accuracy_matrix"][0] == [record["accuracy_matrix"][0][0], None]
     hardware = record["hardware"]
-    assert set(hardware) == {"cpu", "cpu_model", "l3_cache", "cpu_instructions", "torch_threads", "gpu"}
+    assert set(hardware) == {"cpu", "cpu_model", "l3_cache", "cpu_instructions", "mkl_vendor_check", "torch_threads",
+                             "gpu"}
+    assert hardware["mkl_vendor_check"] is None or hardware["mkl_vendor_check"].startswith(("says Intel (",
+                                                                                             "says not Intel ("))
     assert hardware["cpu"] and hardware["torch_threads"] >= 1 and hardware["gpu"] is None
     assert hardware["cpu_instructions"] in ("AMX", "AVX-512 BF16", "AVX-512", "AVX2", "none of AMX, AVX-512 BF16, "
                                                                                         "AVX-512, AVX2")

@@ -157,18 +157,6 @@ def test_training_with_plain_attention_products_learns_as_the_fused_kernel(monke
     assert result.matrix == reference.matrix
 
 
-@pytest.mark.parametrize("preset", [None, "64"])
-def test_importing_ella_bounds_onednn_kernel_caches_unless_the_user_set_them(preset):
-    """Set before any product runs (in a fresh process), so oneDNN and ideep read them at their first use."""
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    if preset:
-        environment["LRU_CACHE_CAPACITY"] = preset
-    read = "import os, ella; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
-    out = subprocess.run([sys.executable, "-c", read], env=environment, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["16", preset or "16"]
-
-
 def test_dropout_mask_drops_each_element_with_probability_p():
     """The fast mask: values 0 or 1/(1-p), a fraction p of zeros (within 5 standard errors over 400,000 draws),
     in every one of the four 16-bit lanes of each 64-bit draw, and the same mask for the same seed."""

@@ -10,16 +10,9 @@ Or drop a method into your own training loop: ``method.prepare`` before a task, 
 at every step, ``method.finish`` after the task (see the README).
 """
 
-import os
+from . import cpu_kernels
 
-# torch's bf16 matrix products on a CPU go through oneDNN, which keeps up to 1,024 compiled kernels (one per set of
-# shapes), and torch's ideep layer above it as many again. Passes of varying length bring new shapes at every step,
-# so the two caches grew a bf16 run's memory by about 35 MB a step (a two-task SmolLM2 run peaked at 3.4 GB, at
-# 2.3 GB with 16 entries each, its steps and evaluation no slower). Read at their first use: a value the user set
-# stays, and where bf16 products ran before ella was imported the caches keep their size.
-for _capacity in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_capacity, "16")
-del _capacity
+cpu_kernels.configure()  # before torch loads: the kernel libraries read these settings at their first use
 
 from .data import Example, Task, load_cl_benchmark, load_task_sequence
 from .engine import EvaluationConfig, SequenceResult, TrainingConfig, run_sequence
@@ -29,7 +22,7 @@ from .metrics import summarize
 from .models import load_model, save_model
 from .runspec import RunSpec, run
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 __all__ = ["METHODS", "PARTS", "ContinualMethod", "EllaError", "EvaluationConfig", "Example", "SequenceResult", "Task",
            "TaskData", "TrainingConfig", "get_method", "load_cl_benchmark", "load_model", "load_task_sequence",
            "register_method", "register_part", "run", "RunSpec", "run_sequence", "save_model", "summarize"]

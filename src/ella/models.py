@@ -34,6 +34,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from .cpu_kernels import cache_dir
 from .errors import EllaError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,13 +44,6 @@ BUILTIN_MODELS = {
     "tiny-t5": "a tiny random T5 with a byte-level tokenizer (smoke tests)",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $ELLA_CACHE_DIR, else $XDG_CACHE_HOME/ella, else ~/.cache/ella."""
-    if os.environ.get("ELLA_CACHE_DIR"):
-        return Path(os.environ["ELLA_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ella"
 
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
