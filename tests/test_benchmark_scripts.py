@@ -40,3 +40,42 @@ def test_every_speed_probe_runs(name, data_dir, monkeypatch):
     result = speed.PROBES[name](2)
     numbers = [value for row in result.values() for value in (row.values() if isinstance(row, dict) else [row])]
     assert numbers and all(math.isfinite(value) and value >= 0 for value in numbers)
+
+
+@pytest.mark.parametrize("overrides", [True, False])
+def test_speed_report_names_every_variant_measured(overrides, monkeypatch, tmp_path):
+    """``measure`` on a bf16 CPU (probes faked, their processes never started) and the report written from it: a
+    row or a ratio for each variant, MKL's own kernels among them only where ella overrides MKL's choice."""
+    import torch
+
+    step = {"ella": 1.0, "plain": 3.0, speed.FP32_ELLA: 2.5, speed.FUSED_ELLA: 1.3}
+    launched = []
+
+    def fake_probe(name, tasks_used, environment=None):
+        own = environment is speed.MKL_OWN
+        launched.append((name, own))
+        if name == "matmul":
+            return {shape: 1e12 * (0.5 if own else 0.8) for shape in speed.MATMUL_SHAPES}
+        if name == "flops":
+            return {"flops_per_step": 4e11, "tokens_per_step": 1000}
+        if name == "trained rank":
+            return {"rank, only the options that can win": {"examples/s 1": 12.0, "accuracy": 77.1}}
+        if name in step:
+            return {"step_seconds": step[name] * (1.5 if own else 1.0), "steps": 4, "peak_rss_bytes": 2e9}
+        return {"dbpedia, generate": {"examples_per_second": 10.0, "accuracy": 50.0, "flops_per_example": 2e10}}
+
+    monkeypatch.setattr(speed, "probe", fake_probe)
+    monkeypatch.setattr(speed, "used_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(speed, "ella_overrides_mkl", lambda: overrides)
+    monkeypatch.setattr(speed, "matmul_throughput", lambda dtype, repeats, shapes: {s: 1.4e11 for s in shapes})
+    monkeypatch.setattr(speed, "RESULTS", tmp_path)
+    speed.write_report(speed.measure(rounds=1, tasks_used=1))
+    report = (tmp_path / "speed.md").read_text()
+    assert ("plain", True) in launched and ("ella", False) in launched  # the plain loop: MKL's own choice
+    assert "| ella (`train_task`) | 1.00 | 2.00 |" in report  # 4e11 FLOP at the limit, 0.8 TFLOP/s: 0.5 s
+    assert "- ella / plain loop, per round: 0.22" in report  # the plain loop: 3.0 s, x 1.5 with MKL's own choice
+    own = ["| ella (`train_task`), MKL's own kernels | 1.50 |", "per round: 1.50; in fp32: 1.50.",
+           "| ella (`train_task`), fp32, MKL's own kernels | 3.75 |", "| bfloat16, MKL's own kernels |",
+           "| prefix cached, batch 8, MKL's own kernels |"]
+    assert [line in report for line in own] == [overrides] * len(own)
+    assert ("plain transformers + peft loop, MKL's own kernels" in report) == overrides
