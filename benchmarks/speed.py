@@ -1,6 +1,6 @@
 """How close ella's training step and evaluation come to the machine's limit, against a plain training loop.
 
-    python benchmarks/speed.py            # 31 minutes on 2 AVX2 cores (AMD EPYC), 12 on 2 with AVX-512 BF16
+    python benchmarks/speed.py            # 31 minutes on 2 AVX2 cores (AMD EPYC), 14 on 2 with AVX-512 BF16
     python benchmarks/speed.py --quick    # one round, one task: a look
     python benchmarks/speed.py --probe ella --tasks 1 --tokens-per-pass 1024   # ella's step alone, another pass size
 
