@@ -86,3 +86,13 @@ def test_a_failed_build_is_reported_and_leaves_nothing(monkeypatch, tmp_path):
     cpu_kernels.configure()
     assert cpu_kernels.mkl_override_status == "not overridden: RuntimeError: /bin/false failed: "
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_mkl
+@pytest.mark.skipif(not (AMD and sys.platform == "linux"), reason="ella loads the override's library on AMD CPUs only")
+def test_a_damaged_library_is_reported_and_removed_so_the_next_import_rebuilds_it(tmp_path):
+    (tmp_path / cpu_kernels.MKL_OVERRIDE_LIBRARY).write_text("not a shared library")
+    check = fresh_process("import ella, torch\nfrom ella.provenance import mkl_vendor_check\nprint(mkl_vendor_check())",
+                          tmp_path)
+    assert check.startswith("says not Intel (not overridden: OSError: ")
+    assert not (tmp_path / cpu_kernels.MKL_OVERRIDE_LIBRARY).exists()

@@ -79,7 +79,11 @@ def override_mkl_vendor_check() -> str:
         if compiler is None:
             return "not overridden: no C compiler (cc or gcc) to build the override's library"
         build_library(compiler, library)
-    ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+    try:
+        ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+    except OSError:
+        library.unlink(missing_ok=True)  # a damaged copy: the next import builds it again
+        raise
     return "overridden by ella"
 
 
