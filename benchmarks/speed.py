@@ -371,9 +371,10 @@ def write_report(results: dict) -> None:
               + (f"; '{OWN_KERNELS}': a process with ELLA_MKL_OVERRIDE=0, as the plain loop." if overridden else "."),
               "",
               "## Training step", "",
-              f"SmolLM2-135M, the first {TRAIN_EXAMPLES // BATCH} optimiser steps of each of {results['tasks']} task(s) "
-              f"of Standard CL order 1 (batch {BATCH}, max length {MAX_LENGTH}, rank-8 LoRA on q and v, dropout "
-              f"0.1), {results['rounds']} round(s), the variants alternating (every other round in reverse order), each in its own process.",
+              f"SmolLM2-135M, the first {TRAIN_EXAMPLES // BATCH} optimiser steps of each of {results['tasks']} "
+              f"task(s) of Standard CL order 1 (batch {BATCH}, max length {MAX_LENGTH}, rank-8 LoRA on q and v, "
+              f"dropout 0.1), {results['rounds']} round(s), the variants alternating (every other round in reverse "
+              "order), each in its own process.",
               "",
               "| | step (s, median over rounds) | x limit | peak memory (GB) |", "|---|---:|---:|---:|"]
     needed = results["training_flops"]["flops_per_step"] / limit
