@@ -54,7 +54,7 @@ from ella.engine import (EvaluationConfig, TrainingConfig, make_accelerator, pea
                          train_task, training_schedule)
 from ella.evaluation import answer_token_nll, evaluate_task
 from ella.methods.lora import LoraHyperparameters
-from ella.provenance import describe_hardware, hardware
+from ella.provenance import describe_hardware, hardware, mkl_vendor_check
 
 RESULTS = Path(__file__).parent / "results"
 MODEL, MAX_LENGTH, BATCH, TRAIN_EXAMPLES = "smollm2-135m", 256, 8, 32  # 4 optimiser steps per task
@@ -80,7 +80,7 @@ OWN_KERNELS = "MKL's own kernels"
 
 
 def ella_overrides_mkl() -> bool:
-    return "overridden by ella" in (hardware(torch.device("cpu"))["mkl_vendor_check"] or "")
+    return "overridden by ella" in (mkl_vendor_check() or "")
 
 
 MATMUL_SHAPES = {"512x576x576": (512, 576, 576), "512x576x192": (512, 576, 192), "512x576x1536": (512, 576, 1536),
@@ -313,10 +313,10 @@ def measure(rounds: int, tasks_used: int) -> dict:
     for r in range(rounds):
         # every other round in reverse order: of two processes taking the same step one after the other, the second
         # ran 1-16 % faster in six pairs out of six, so a fixed order would favour the variants listed last
-        order = (lambda items: list(items)) if r % 2 == 0 else (lambda items: list(items)[::-1])
-        for label, (name, environment) in order(products.items()):
+        direction = -1 if r % 2 else 1
+        for label, (name, environment) in list(products.items())[::direction]:
             measured[label].append(probe(name, tasks_used, environment))
-        for label, (name, environment) in order(probes.items()):
+        for label, (name, environment) in list(probes.items())[::direction]:
             runs[label].append(probe(name, tasks_used, environment))
             print(f"round {r + 1}: {label} {runs[label][-1]['step_seconds']:.2f} s/step", file=sys.stderr)
     # each shape's best round: the machine's capacity, whatever else slowed one round down

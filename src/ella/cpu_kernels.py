@@ -9,12 +9,13 @@ read them once, at their first use.
 - MKL's kernels chosen by instruction set on AMD CPUs. torch's fp32 matrix products go through MKL, which picks its
   kernels by CPU vendor: on an AMD CPU it takes others than on an Intel CPU with the same instructions. On AMD EPYC
   family 26 (AVX-512) fp32 products ran at 0.16-0.19 TFLOP/s with MKL's choice and 0.33-0.48 with the Intel
-  kernels, and ella's fp32 training step of SmolLM2 ran 1.8-2.1x faster (benchmarks/speed.py measures it on the
-  CPU at hand; on an AMD EPYC with AVX2 only, the step was no faster and evaluation 1.1-1.3x). MKL asks one internal function, ``mkl_serv_intel_cpu_true``, whether the CPU is Intel's; ella
-  builds (once, with the machine's C compiler, into its cache directory) a library whose function of that name
-  answers yes, and loads it ahead of torch so that MKL calls it. Intel does not support this; the kernels only use
-  instructions the CPU reports. ``ELLA_MKL_OVERRIDE=0`` keeps MKL's own choice; results.json records which one ran
-  (``hardware.mkl_vendor_check``).
+  kernels, and ella's fp32 training step of SmolLM2 ran 1.7-2.1x faster; its bf16 step, which calls MKL only for
+  the merges, ran 4-24 % slower, not yet explained (benchmarks/speed.py measures both on the CPU at hand; on an
+  AMD EPYC with AVX2 only, the fp32 step was no faster and evaluation 1.1-1.3x). MKL asks one internal function,
+  ``mkl_serv_intel_cpu_true``, whether the CPU is Intel's; ella builds (once, with the machine's C compiler, into
+  its cache directory) a library whose function of that name answers yes, and loads it ahead of torch so that MKL
+  calls it. Intel does not support this; the kernels only use instructions the CPU reports. ``ELLA_MKL_OVERRIDE=0``
+  keeps MKL's own choice; results.json records which one ran (``hardware.mkl_vendor_check``).
 """
 
 from __future__ import annotations
