@@ -11,7 +11,7 @@ from ella import RunSpec
 from ella.bench import job_environment, load_suite, run_suite, select_settings, suite_status
 from ella.cli import main
 from ella.provenance import describe_hardware
-from ella.report import cost_table, describe_selection
+from ella.report import cost_table, describe, describe_selection
 
 SUITE = """
 output_dir = "suite"
@@ -202,7 +202,8 @@ def test_bench_selects_by_validation_and_reports_the_selected_test_numbers_only(
     assert out.count(": starting (output: ") == 6 and out.count(": done: OA ") == 6
     assert out.count(" (validation OA ") == 4  # the selection's runs; the selected settings' further runs have none
     selection = json.loads((root / "selection.json").read_text())
-    for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]), ("ella", ["ella-lam1.0", "ella-lam100.0"])):
+    for method, labels in (("inclora", ["inclora-lr0.001", "inclora-lr0.1"]),
+                           ("ella", ["ella-lam1.0", "ella-lam100.0"])):
         records = [json.loads((root / label / "tasks-seed42" / "results.json").read_text()) for label in labels]
         oa = [record["validation"]["metrics"]["OA"] for record in records]  # one run per setting
         assert [s["validation_OA"] for s in selection["methods"][method]["settings"]] == oa
@@ -337,6 +338,26 @@ def test_cost_per_run_is_the_median_over_a_methods_runs():
     header, rows = cost_table([run(100, 60, 30, 2000), run(110, 70, 25, 2100), run(5000, 4000, 900, 2200)])
     assert header[:5] == ["method", "runs", "train (s)", "evaluation (s)", "total (s)"]
     assert rows == [["ella", "3", "70", "30", "110", "2,100", "1.00"]]
+
+
+def test_cost_per_run_has_a_row_per_kind_of_machine():
+    """Times from two CPUs are not one sample: each machine's runs make their own row, numbered as in the header."""
+    avx2 = {"cpu": "AMD EPYC", "cpu_instructions": "AVX2", "torch_threads": 1, "gpu": None}
+    amx = {**avx2, "cpu": "Intel Xeon", "cpu_instructions": "AMX"}
+
+    def run(label, machine, train):
+        return {"label": label, "hardware": machine, "task_logs": [{"train_seconds": train}], "eval_seconds": [10],
+                "total_seconds": train + 10, "peak_memory": {"bytes": 2 ** 30}, "method_state_bytes": 0}
+
+    runs = [run("ella", avx2, 300), run("ella", amx, 100), run("ella", avx2, 320), run("inclora", amx, 90)]
+    header, rows = cost_table(runs)
+    assert header[:4] == ["method", "machine", "runs", "train (s)"]
+    assert [row[:4] for row in rows] == [["ella", "(1)", "2", "310"], ["ella", "(2)", "1", "100"],
+                                         ["inclora", "(2)", "1", "90"]]
+    assert "(1) AMD EPYC (AVX2), 1 torch thread (2 runs); (2) Intel Xeon (AMX), 1 torch thread (2 runs)" in \
+        describe([{**r, "run": {"model": "m", "train_per_task": 4, "test_per_task": 4}, "training_config":
+                   {"epochs": 1, "batch_size": 2, "max_length": 64}, "evaluation": {"description": "greedy"},
+                   "evaluation_config": {}, "mixed_precision": "no", "device": "cpu"} for r in runs])
 
 
 def test_report_command_on_one_run(sequence_file, tmp_path, capsys):

@@ -137,7 +137,8 @@ def test_validation_sample_is_seeded_and_leaves_the_training_sample_alone(data_d
      "CB: .*train.json has 250 training examples, too few for 240 training \\+ 20 validation examples; lower "
      "--train-per-task or --validation-per-task \\(together at most 250\\)"),
     (dict(validation_per_task=20), "give --train-per-task too \\(at most 230"),
-    (dict(train_per_task=5, validation_per_task=-1), "validation_per_task must be 0 \\(no validation sample\\) or more"),
+    (dict(train_per_task=5, validation_per_task=-1),
+     "validation_per_task must be 0 \\(no validation sample\\) or more"),
 ])
 def test_validation_sample_errors(data_dir, kwargs, message):
     with pytest.raises(EllaError, match=message):

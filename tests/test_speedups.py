@@ -2,9 +2,6 @@
 rests of prompts after a shared prefix's cache predicts and scores as the whole prompts."""
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(flag, *f.metadata["aliases"], type=parse, default=f.default, choices=f.metadata["choices"],
                            help=help)
         if f.name == "method":
-            hyper = run_parser.add_argument_group("method hyper-parameters (the methods each applies to are in brackets)")
+            hyper = run_parser.add_argument_group(
+                "method hyper-parameters (the methods each applies to are in brackets)")
             for name, (hf, hparse, owners) in _method_hyperparameters().items():
                 hyper.add_argument("--" + name.replace("_", "-"), dest="hp_" + name, type=_argument_type(hparse),
                                    default=argparse.SUPPRESS, metavar=name.upper(),

@@ -213,7 +213,8 @@ def byte_tokenizer(seq2seq: bool = False) -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     special = ("$A </s>", "</s>") if seq2seq else ("<s> $A", "<s>")
-    backend.post_processor = processors.TemplateProcessing(single=special[0], special_tokens=[(special[1], vocab[special[1]])])
+    backend.post_processor = processors.TemplateProcessing(single=special[0],
+                                                           special_tokens=[(special[1], vocab[special[1]])])
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
 
 

@@ -171,20 +171,30 @@ def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _machine(run: dict) -> str:
+    return describe_hardware(run["hardware"]) if "hardware" in run else "not recorded"
+
+
 def cost_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Per method, the median over its runs (a run slowed by other work on the machine, or paused and resumed,
     does not move it) of the training and evaluation time, the whole run's time (the zero-shot row included, where
-    the run measured it), peak memory and the CL state kept."""
-    header = ["method", "runs", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
+    the run measured it), peak memory and the CL state kept. Where the runs were made on several kinds of machine,
+    a method's runs on each kind make a row of their own (times from different CPUs are not one sample), its
+    machine numbered as in ``describe``."""
+    machines = list(_by(runs, _machine))
+    several = len(machines) > 1
+    header = ["method"] + (["machine"] if several else []) + [
+        "runs", "train (s)", "evaluation (s)", "total (s)", "peak memory (MB)", "CL state (MB)"]
     rows = []
-    for label, group in _by(runs, lambda r: r["label"]).items():
-        rows.append([label, str(len(group)),
-                     f"{median(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
-                     f"{median(sum(r['eval_seconds']) for r in group):.0f}",
-                     f"{median(r['total_seconds'] for r in group):.0f}",
-                     f"{median(r['peak_memory']['bytes'] for r in group) / 2 ** 20:,.0f}",
-                     f"{median(r.get('method_state_bytes', 0) for r in group) / 2 ** 20:.2f}"])
-    return header, rows
+    for (label, machine), group in _by(runs, lambda r: (r["label"], _machine(r))).items():
+        rows.append([label] + ([f"({machines.index(machine) + 1})"] if several else []) + [
+            str(len(group)),
+            f"{median(sum(log.get('train_seconds', 0) for log in r['task_logs']) for r in group):.0f}",
+            f"{median(sum(r['eval_seconds']) for r in group):.0f}",
+            f"{median(r['total_seconds'] for r in group):.0f}",
+            f"{median(r['peak_memory']['bytes'] for r in group) / 2 ** 20:,.0f}",
+            f"{median(r.get('method_state_bytes', 0) for r in group) / 2 ** 20:.2f}"])
+    return header, sorted(rows, key=lambda row: row[:2])
 
 
 def diagnostics_table(runs: list[dict]) -> tuple[list[str], list[list[str]]] | None:
@@ -350,11 +360,11 @@ def describe(runs: list[dict]) -> str:
     validation = f", {max(per_task)} validation" if max(per_task) else ""
     if validation and 0 in per_task:  # a [selected] suite: its further runs go without
         validation += " (in the selection's runs)"
-    on = _by(runs, lambda r: describe_hardware(r["hardware"]) if "hardware" in r else "not recorded")
+    on = _by(runs, _machine)
     schedule = first["evaluation_config"].get("schedule", "full")
     schedule = "" if schedule == "full" else f", schedule {schedule} (unmeasured cells blank)"
-    machines = "; ".join(f"{machine} ({len(group)} runs)" if len(on) > 1 else machine
-                         for machine, group in on.items())
+    machines = "; ".join(f"({number}) {machine} ({len(group)} runs)" if len(on) > 1 else machine
+                         for number, (machine, group) in enumerate(on.items(), 1))
     return (f"Model **{info.get('model')}**, {info.get('tasks_from', '').split(' order')[0]} tasks; "
             f"{info.get('train_per_task') or 'all'} training{validation} and {info.get('test_per_task') or 'all'} test "
             f"examples per task, {training['epochs']} epoch(s), batch {training['batch_size']}, max length "

@@ -31,8 +31,8 @@ def _instances(file: Path) -> tuple[str, list[Example]]:
     for index, instance in enumerate(instances):
         outputs = instance.get("output") if isinstance(instance, dict) else None
         outputs = [outputs] if isinstance(outputs, str) else outputs  # some task files give one string
-        if not (isinstance(instance, dict) and isinstance(instance.get("input"), str) and isinstance(outputs, list) and outputs
-                and all(isinstance(o, str) for o in outputs)):
+        if not (isinstance(instance, dict) and isinstance(instance.get("input"), str)
+                and isinstance(outputs, list) and outputs and all(isinstance(o, str) for o in outputs)):
             raise EllaError(f"{file}, instance {index}: expected {{\"input\": str, \"output\": [str, ...] or str}}")
         examples.append(Example(instance["input"], outputs[0].strip(), tuple(o.strip() for o in outputs[1:])))
     if not examples:

@@ -11,8 +11,9 @@ After task t: W_past^m ← W_past^m + ΔW_t^m, then the LoRA is merged into the 
 
 Why it works: with energy E = |W_past| + ε the penalised step is ΔW*_ij = G_ij / (1 + λ E_ij²), so coordinates
 that earlier tasks used heavily shrink and unused ones stay free (forward transfer); the interference is
-bounded, |⟨ΔW*, W_past⟩_F| ≤ ‖G‖_F / (2√λ) · ‖E⁻¹ ⊙ W_past‖_F (G: the unpenalised step). λ too high: new tasks stay near chance;
-λ too low: behaves like SeqLoRA after a few tasks. The right λ depends on the model's weight scale.
+bounded, |⟨ΔW*, W_past⟩_F| ≤ ‖G‖_F / (2√λ) · ‖E⁻¹ ⊙ W_past‖_F (G: the unpenalised step). λ too high:
+new tasks stay near chance; λ too low: behaves like SeqLoRA after a few tasks. The right λ depends on the
+model's weight scale.
 """
 
 from __future__ import annotations

@@ -66,4 +66,5 @@ class TaskLoRA:
         return model.merge_and_unload()
 
 
-register_method("inclora", "inclora", "a fresh LoRA per task; finished ones frozen and summed (merged into the weights)")
+register_method("inclora", "inclora",
+                "a fresh LoRA per task; finished ones frozen and summed (merged into the weights)")

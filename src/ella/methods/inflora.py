@@ -2,9 +2,10 @@
 Continual Learning", CVPR 2024), with the earlier tasks' input subspace kept as in GPM (Saha et al., "Gradient
 Projection Memory for Continual Learning", ICLR 2021).
 
-An update part: each task gets a fresh LoRA ΔW_t = s·B_t·A_t (as ``inclora``) whose A_t is designed, not trained. Per adapted module, before
-training, the inputs x that the task's training examples send into the layer give the covariance C = Σ x xᵀ
-(d_in x d_in, over every token). With M (d_in x k, orthonormal columns) the earlier tasks' input subspace,
+An update part: each task gets a fresh LoRA ΔW_t = s·B_t·A_t (as ``inclora``) whose A_t is designed, not trained.
+Per adapted module, before training, the inputs x that the task's training examples send into the layer give the
+covariance C = Σ x xᵀ (d_in x d_in, over every token).
+With M (d_in x k, orthonormal columns) the earlier tasks' input subspace,
 
     C' = (I − M Mᵀ) C (I − M Mᵀ),        A_t = the top-r eigenvectors of C', as rows (orthonormal, A_t M = 0)
 
@@ -204,4 +205,5 @@ class InfLoRA:
 
 
 register_method("inflora", "inflora",
-                "IncLoRA with A fixed to the task's top input directions off the earlier tasks' (GPM) subspace; B trains")
+                "IncLoRA with A fixed to the task's top input directions off the earlier tasks' (GPM) subspace; "
+                "B trains")

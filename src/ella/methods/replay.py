@@ -1,5 +1,6 @@
 """Replay: a data policy that also trains each task on a small buffer of earlier tasks' examples; the ``replay``
-method is ``seqlora+replay`` (one LoRA trained through all tasks), and any update part takes it (``inclora+ella+replay``).
+method is ``seqlora+replay`` (one LoRA trained through all tasks), and any update part takes it
+(``inclora+ella+replay``).
 
 The buffer holds at most ``buffer_size`` tokenized training examples, shared equally among the tasks seen so far:
 after task t each of the t + 1 tasks keeps ``buffer_size // (t + 1)`` of its examples (all of them if it has
