@@ -317,8 +317,8 @@ def training_dropout(share: ProcessShare):
     single process would (the processes' random states are the same), and applies this process's rows of it; this
     covers ``nn.Dropout`` layers (LoRA's) and models that call it directly. Attention dropout inside the fused
     ``scaled_dot_product_attention`` kernel draws its own masks, so while training, an attention with dropout
-    (T5's, ``dropout_p > 0``) is computed by SDPA's reference formula, softmax(QKᵀ·scale + mask) → dropout → ·V,
-    on any number of processes. Attention without dropout (LLaMA's, SmolLM2's) keeps the fused kernel."""
+    (T5's and GPT-2's, ``dropout_p > 0``) is computed by SDPA's reference formula, softmax(QKᵀ·scale + mask) →
+    dropout → ·V, on any number of processes. Attention without dropout (LLaMA's, SmolLM2's) keeps the fused kernel."""
     real_dropout, real_attention = F.dropout, F.scaled_dot_product_attention
 
     def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
@@ -348,7 +348,11 @@ def training_dropout(share: ProcessShare):
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
                 else scores + attn_mask
-        return F.dropout(scores.softmax(-1), dropout_p, True) @ value
+        # a query that may see no key (a left-padded causal row's padding) gets 0, as from the fused kernel, and
+        # no NaN: softmax over a row of -inf would spread NaN to every row through the next layer's values
+        blind = scores.isneginf().all(-1, keepdim=True)
+        probabilities = torch.where(blind, 0.0, scores.masked_fill(blind, 0.0).softmax(-1))
+        return F.dropout(probabilities, dropout_p, True) @ value
 
     F.dropout, F.scaled_dot_product_attention = dropout, attention
     try:
@@ -378,7 +382,8 @@ def train_task(model, method: ContinualMethod, task_index: int, task: Task, item
     model = method.prepare(model, task_index, task, data)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise RuntimeError(f"method {method.name} left no trainable parameters for task {task.name}")
+        raise EllaError(f"method {method.name} left no trainable parameters for task {task.name}: its target "
+                        "modules adapted nothing in this model; choose others with --target-modules")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate or method.default_learning_rate,
                                   weight_decay=config.weight_decay)
     # Stepped once per optimiser step here: a scheduler prepared by accelerate steps once per process.

@@ -49,13 +49,11 @@ class TaskLoRA:
         return lora_layers(model, self.adapter)
 
     def task_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor | LowRank]:
-        """ΔW_t = s·B·A of every adapted module, kept as the factors (s·B, Aᵀ) in the base weight's layout."""
-        updates = {}
-        for name, layer in self.layers(model).items():
-            left = layer.lora_B[self.adapter].weight * layer.scaling[self.adapter]
-            right = layer.lora_A[self.adapter].weight.T
-            updates[name] = LowRank(right, left) if layer.fan_in_fan_out else LowRank(left, right)
-        return updates
+        """ΔW_t = s·B·A of every adapted module, kept as the factors (s·B, Aᵀ): d_out x d_in, the layout of
+        ``F.linear``'s weight, also for a GPT-2 ``Conv1D``, whose stored weight is its transpose."""
+        return {name: LowRank(layer.lora_B[self.adapter].weight * layer.scaling[self.adapter],
+                              layer.lora_A[self.adapter].weight.T)
+                for name, layer in self.layers(model).items()}
 
     def merged_updates(self, model: torch.nn.Module) -> dict[str, torch.Tensor | LowRank]:
         """What ``finish`` adds to the weights: the same s·B·A."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.utils.other import transpose
 
 from ..data import Task
 from ..errors import EllaError
@@ -110,16 +111,20 @@ class GatedUpdate(LoraVariant):
         return result + F.linear(module.lora_dropout[active_adapter](x), update)
 
     def merge_safe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + self.hard_update(module, active_adapter).to(orig_weight.dtype)
+        return orig_weight + self.stored_update(module, active_adapter).to(orig_weight.dtype)
 
     def merge_unsafe(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += self.hard_update(module, active_adapter).to(orig_weight.dtype)
+        orig_weight.data += self.stored_update(module, active_adapter).to(orig_weight.dtype)
 
     def unmerge(self, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - self.hard_update(module, active_adapter).to(orig_weight.dtype)
+        return orig_weight - self.stored_update(module, active_adapter).to(orig_weight.dtype)
 
     def hard_update(self, module: LoraLayer, active_adapter: str) -> torch.Tensor:
         return self.method.gated_update(module, active_adapter, self.log_threshold, mix=1.0)
+
+    def stored_update(self, module: LoraLayer, active_adapter: str) -> torch.Tensor:
+        """The hard-gated update in the stored weight's layout (transposed for a GPT-2 ``Conv1D``)."""
+        return transpose(self.hard_update(module, active_adapter), module.fan_in_fan_out)
 
 
 @register_part
@@ -174,7 +179,7 @@ class JumpLoRA:
 
     def gated_update(self, layer: LoraLayer, adapter: str, log_threshold: torch.Tensor,
                      mix: float) -> torch.Tensor:
-        """ΔW_eff = s·(a·J_θ(B·A) + (1 − a)·B·A), in the base weight's layout."""
+        """ΔW_eff = s·(a·J_θ(B·A) + (1 − a)·B·A), d_out x d_in (``F.linear``'s layout)."""
         product = layer.lora_B[adapter].weight @ layer.lora_A[adapter].weight
         if mix > 0:
             product = mix * jump_gate(product, log_threshold, self.config.bandwidth) + (1 - mix) * product

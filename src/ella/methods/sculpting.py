@@ -140,7 +140,13 @@ class SculptingSubspaces:
         config = OSFConfig(target_modules=targets, effective_rank=self.config.max_retained,
                            rank_pattern={rf"{re.escape(block)}\..*": fraction
                                          for block, fraction in self.retained.items()})
-        return get_peft_model(model, config, adapter_name=self.adapter)  # decomposes every target afresh
+        model = get_peft_model(model, config, adapter_name=self.adapter)  # decomposes every target afresh
+        if not self.layers(model):
+            raise EllaError(f"sculpting adapted none of this {model.config.model_type} model's target modules "
+                            f"({', '.join(targets) if isinstance(targets, list) else targets}): peft's OSF tuner, "
+                            "which it is built on, takes torch.nn.Linear layers only (not GPT-2's Conv1D); name "
+                            "linear layers with --target-modules")
+        return model
 
     def after_step(self, model: torch.nn.Module) -> None:
         for layer in self.layers(model):
