@@ -115,7 +115,8 @@ def test_a_kill_at_any_write_or_rename_resumes_to_the_uninterrupted_run(tmp_path
         assert not (resumed_dir / checkpoint.PROGRESS).exists(), label
         if expected_state is not None:
             assert (resumed_dir / checkpoint.METHOD_STATE).read_bytes() == expected_state, label
-        if calls:  # it trained: the final model too (a finished run returns the model it is given)
+        assert (model is None) == (not calls), label  # a finished run returns no model
+        if calls:  # it trained: the final model too
             final = weights(model)
             assert final.keys() == expected_model.keys(), label
             assert all(torch.equal(final[k], expected_model[k]) for k in final), label
@@ -187,8 +188,9 @@ def test_resuming_a_complete_run_trains_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _, first = run("ella", out)
     monkeypatch.setattr(engine, "train_task", lambda *args: pytest.fail("a complete run must not train"))
-    _, again = run("ella", out, resume=True)
+    model, again = run("ella", out, resume=True)
     assert again.matrix == first.matrix
+    assert model is None  # its trained model was not kept: never the untrained one given in its place
 
 
 def test_the_library_refuses_an_occupied_output_directory(tmp_path):

@@ -529,7 +529,8 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
                  output_dir: str | Path | None = None, run_info: dict | None = None,
                  accelerator: Accelerator | None = None, resume: bool = False, overwrite: bool = False,
                  previous=None, zero_shot_cache_dir: str | Path | None = None):
-    """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``.
+    """Learn ``tasks`` in order with ``method``; returns ``(model, SequenceResult)``, the model None where
+    ``resume`` finds the run finished already (a finished run keeps no model unless saved: ``ella run --save-model``).
 
     With ``output_dir``, every finished task is committed there (see ``ella.checkpoint``), so a crash loses at
     most the task in progress. A directory that already holds a run is refused unless ``resume=True`` (continue it
@@ -576,7 +577,9 @@ def run_sequence(model, tokenizer, tasks: list[Task], method: ContinualMethod,
         saved = checkpoint.read_run(output_dir, header)
     if saved is not None:
         result = SequenceResult.from_record(saved.record)
-        if not result.complete:
+        if result.complete:  # not the model given, which is not the trained one
+            model = None
+        else:
             model = saved.load_model(model)
             try:
                 method.load_state_dict(saved.method_state())
