@@ -72,7 +72,8 @@ class TrainingConfig:
     learning_rate: float | None = None  # None: the method's default (1e-3 for the LoRA methods)
     batch_size: int = 8  # examples per micro-batch, over all processes: the results do not depend on their number
     grad_accum: int = 1  # micro-batches per optimiser step
-    max_length: int = 512  # tokens of prompt + answer; only the input text is truncated
+    max_length: int = 512  # tokens of prompt + answer: the input text is cut, and a free-text answer (a task
+    # without labels) to max_length // 2 tokens; the instruction, options and label answers stay
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of each task's steps, then constant
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping

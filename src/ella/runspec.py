@@ -88,7 +88,8 @@ class RunSpec:
                              "training")
     grad_accum: int = option(1, "micro-batches per optimiser step (the step's loss is the mean over all their "
                              "answer tokens)", "training")
-    max_length: int = option(512, "max tokens of prompt + answer; longer inputs are truncated", "training")
+    max_length: int = option(512, "max tokens of prompt + answer; longer inputs are cut, and free-text answers "
+                                  "(tasks without labels) to half of it", "training")
     warmup_ratio: float = option(0.1, "linear warm-up over this fraction of each task's steps, then a constant rate",
                                  "training")
     weight_decay: float = option(0.0, "AdamW weight decay", "training")

@@ -27,7 +27,8 @@ class Encoded:
 
 class TaskEncoder:
     """Tokenizes one task's examples; the input is truncated so that prompt + target fit ``max_length``
-    (its end is cut, or its start for a task that ``keep_input_end``)."""
+    (its end is cut, or its start for a task that ``keep_input_end``). A free-text target (a task without labels)
+    is cut to ``max_length // 2`` tokens, EOS included, so that it leaves room for an input."""
 
     def __init__(self, tokenizer, task: Task, max_length: int, seq2seq: bool):
         if max_length < 8:
