@@ -64,8 +64,16 @@ def test_seqft_trains_every_weight(tasks):
     model, _ = tiny_model()
     model.requires_grad_(False)
     method = get_method("seqft")
+    method.setup(model, tasks)
     model = method.prepare(model, 0, tasks[0])
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_prepare_before_setup_says_to_call_setup(tasks):
+    """Without setup a LoRA part has no target modules resolved: a clear error, not an AttributeError."""
+    model, _ = tiny_model()
+    with pytest.raises(EllaError, match=r"call method.setup\(model, tasks\) once before the first method.prepare"):
+        get_method("inclora").prepare(model, 0, tasks[0])
 
 
 def test_default_targets_are_attention_q_and_v(tasks):

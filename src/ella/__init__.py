@@ -6,8 +6,8 @@
     model, result = ella.run_sequence(model, tokenizer, tasks, ella.get_method("ella", lam=3e4))
     print(result.matrix, result.metrics())
 
-Or drop a method into your own training loop: ``method.prepare`` before a task, ``loss + method.penalty(model)``
-at every step, ``method.finish`` after the task (see the README).
+Or drop a method into your own training loop: ``method.setup(model, tasks)`` once, ``method.prepare`` before a
+task, ``loss + method.penalty(model)`` at every step, ``method.finish`` after the task (see the README).
 """
 
 from . import cpu_kernels

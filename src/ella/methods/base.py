@@ -212,6 +212,7 @@ class ContinualMethod:
         for regulariser in self.regularisers:
             regulariser.update = self.update  # the update it penalises
         self.default_learning_rate = self.update.default_learning_rate
+        self.set_up = False
 
     def _call(self, hook: str, parts: list, *args) -> None:
         for part in parts:
@@ -221,6 +222,7 @@ class ContinualMethod:
     def setup(self, model: torch.nn.Module, tasks: list[Task]) -> None:
         """Check the configuration against the model and the sequence before anything trains."""
         self._call("setup", list(self.parts.values()), model, tasks)
+        self.set_up = True
 
     def training_items(self, task_index: int, sequence: list[list[Encoded]]) -> list[Encoded]:
         """The examples to train on for task ``task_index``: the data policy's, else the task's own. ``sequence``
@@ -233,6 +235,10 @@ class ContinualMethod:
     def prepare(self, model: torch.nn.Module, task_index: int, task: Task,
                 data: TaskData | None = None) -> torch.nn.Module:
         """Return the model to train on this task, with exactly the trainable parameters set."""
+        if not self.set_up:
+            raise EllaError(f"call method.setup(model, tasks) once before the first method.prepare: {self.name} "
+                            "resolves its target modules and checks its settings against the model and the "
+                            "sequence there")
         model = self.update.prepare(model, task_index, task, data)
         self._call("prepare", self.regularisers, model, task_index, task, data)
         return model
