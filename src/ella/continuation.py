@@ -18,7 +18,8 @@ Continuing (``PreviousRun``) reads that directory alone, or a finished run direc
 state, and the random-number state, rebuilds the earlier tasks from the recorded sources (benchmark and task names,
 or the sequence file, with their sample sizes and seed) to evaluate them again, and the engine goes on at task
 index N (the number of tasks learnt), so a run of N tasks continued with M more ends exactly as one run of the
-N + M tasks with the same settings (rows, method state, weights). What cannot be known is left null: the earlier
+N + M tasks with the same settings (rows, method state, weights); but for InfLoRA, whose threshold τ_t depends on
+the sequence's length T, which its first N tasks took to be N. What cannot be known is left null: the earlier
 rows' cells of the new tasks and the new tasks' zero-shot accuracy (the base model is not evaluated again).
 """
 

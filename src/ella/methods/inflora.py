@@ -55,8 +55,9 @@ class InfLoRAHyperparameters(LoraHyperparameters):
                                              "give the covariance C")
     gpm_threshold: float = hyperparameter(0.95, "τ: after the first task the input subspace M grows until it captures "
                                                 "this fraction of the energy tr(C) of the task's inputs")
-    gpm_threshold_end: float = hyperparameter(1.0, "τ_end: the threshold rises linearly from τ (first task) towards "
-                                                   "τ_end (reached after the last one), as in the reference code")
+    gpm_threshold_end: float = hyperparameter(1.0, "τ_end: task t of T uses τ + (τ_end − τ)·t/T (t from 0), rising "
+                                                   "from τ towards τ_end, which no task reaches, as in the reference "
+                                                   "code")
 
     def __post_init__(self):
         super().__post_init__()
