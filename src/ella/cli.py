@@ -12,13 +12,10 @@ from pathlib import Path
 from .bench import run_suite, suite_status
 from .errors import EllaError
 from .methods import METHODS, PARTS, get_method, method_fields
+from .methods.base import parse_names
 from .provenance import portable_command
 from .report import write_report
 from .runspec import DEFAULT_METHOD, RunSpec, quiet_libraries, run
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
-
 
 def _argument_type(parse: typing.Callable) -> typing.Callable:
     """argparse shows an ArgumentTypeError's own message (ella's says what is wrong and how to fix it)."""
@@ -81,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag, action="store_true", help=help)
             continue
         kind = next(k for k in typing.get_args(hints[f.name]) or (hints[f.name],) if k is not type(None))
-        parse = _names if typing.get_origin(kind) is list else kind
+        parse = parse_names if typing.get_origin(kind) is list else kind
         group.add_argument(flag, *f.metadata["aliases"], type=parse, default=f.default, choices=f.metadata["choices"],
                            help=help)
         if f.name == "method":

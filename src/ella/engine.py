@@ -362,6 +362,18 @@ def training_dropout(share: ProcessShare):
         F.dropout, F.scaled_dot_product_attention = real_dropout, real_attention
 
 
+def task_summary(curve: dict[str, list[float]], started: float, trained: float, method: ContinualMethod) -> dict:
+    """A trained and closed task's log: the mean loss of its first and last tenth of steps, the mean penalty, the
+    seconds spent training (from ``started`` to ``trained``) and closing it (``finish``, until now), every step's
+    figures (``curve``) and the method's own report."""
+    losses = curve["loss"]
+    tenth = max(1, len(losses) // 10)
+    return {"optimizer_steps": len(losses), "loss_start": sum(losses[:tenth]) / tenth,
+            "loss_end": sum(losses[-tenth:]) / tenth, "penalty_mean": sum(curve["penalty"]) / max(1, len(losses)),
+            "train_seconds": trained - started, "finish_seconds": time.perf_counter() - trained,
+            "steps": curve, **method.report()}
+
+
 class TrainingDiverged(EllaError):
     """A non-finite loss or penalty: the run stops; the tasks finished before stay saved."""
 
@@ -442,12 +454,7 @@ def train_task(model, method: ContinualMethod, task_index: int, task: Task, item
     accelerator.free_memory()  # drop the task's optimizer state
     trained = time.perf_counter()
     model = method.finish(model, task_index, task, data)
-    losses = curve["loss"]
-    tenth = max(1, len(losses) // 10)
-    log.update({"optimizer_steps": len(schedule), "loss_start": sum(losses[:tenth]) / tenth,
-                "loss_end": sum(losses[-tenth:]) / tenth, "penalty_mean": sum(curve["penalty"]) / len(losses),
-                "train_seconds": trained - start, "finish_seconds": time.perf_counter() - trained,
-                "steps": curve, **method.report()})
+    log.update(task_summary(curve, start, trained, method))
     return model, log
 
 

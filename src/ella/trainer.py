@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import engine
 from .data import IGNORE_INDEX, Encoded, Task, TaskEncoder, collate
 from .errors import EllaError
+from .evaluation import positions
 from .methods import ContinualMethod, TaskData
 from .models import is_seq2seq
 
@@ -272,7 +273,7 @@ def answer_collator(tokenizer, seq2seq: bool = False) -> Callable[[list[dict]], 
     def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate([as_encoded(row, seq2seq) for row in rows], tokenizer.pad_token_id, seq2seq)
         if not seq2seq:
-            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            batch["position_ids"] = positions(batch["attention_mask"])
         return batch
 
     return collate_rows
@@ -426,10 +427,4 @@ def _train_task(model, tokenizer, method, t, task, items, own_items, args, seq2s
     del trainer
     trained = time.perf_counter()
     model = method.finish(model, t, task, data)
-    losses = steps["loss"]
-    tenth = max(1, len(losses) // 10)
-    return model, {"optimizer_steps": len(losses), "loss_start": sum(losses[:tenth]) / tenth,
-                   "loss_end": sum(losses[-tenth:]) / tenth,
-                   "penalty_mean": sum(steps["penalty"]) / max(1, len(losses)),
-                   "train_seconds": trained - start, "finish_seconds": time.perf_counter() - trained,
-                   "steps": steps, **method.report()}
+    return model, engine.task_summary(steps, start, trained, method)

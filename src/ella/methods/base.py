@@ -75,6 +75,11 @@ def hyperparameter(default: Any, help: str, parse: Callable[[str], Any] | None =
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
 
 
+def parse_names(text: str) -> list[str]:
+    """Command-line lists: comma-separated names (``q_proj,v_proj``), blanks ignored."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def parse_bool(text: str) -> bool:
     """Command-line booleans: yes/no, true/false, on/off, 1/0."""
     value = text.strip().lower()

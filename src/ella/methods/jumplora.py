@@ -61,6 +61,11 @@ def jump_gate(x: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) ->
     return torch.sign(x) * JumpReLU.apply(x.abs(), log_threshold.exp(), bandwidth)
 
 
+def lora_parameters(layer: LoraLayer, adapter: str) -> int:
+    """r·(d_in + d_out), the module's LoRA parameter count: its share of the budget of surviving entries."""
+    return layer.lora_A[adapter].weight.numel() + layer.lora_B[adapter].weight.numel()
+
+
 def ramp_steps(num_steps: int, start: float, end: float) -> tuple[int, int]:
     """The optimiser steps after which the ramp starts (θ's reset) and ends: int(start·N) and int(end·N), as in the
     reference, except that the start is at least step 1 (the reference's int(start·N) = 0 for N < 1 / start is a step
@@ -213,8 +218,7 @@ class JumpLoRA:
             group = self.group_of[name]
             product = layer.lora_B[self.adapter].weight @ layer.lora_A[self.adapter].weight
             magnitudes.setdefault(group, []).append(product.abs().flatten())
-            r, d_in = layer.lora_A[self.adapter].weight.shape
-            budgets[group] = budgets.get(group, 0) + r * (d_in + product.shape[0])
+            budgets[group] = budgets.get(group, 0) + lora_parameters(layer, self.adapter)
         for group, parts in magnitudes.items():
             values = torch.cat(parts)
             # Refused, not warned: no step before the reset changed B (a learning rate of 0 on all of them), so θ
@@ -245,8 +249,7 @@ class JumpLoRA:
         with torch.no_grad():
             merged = self.merged_updates(model)
             kept = sum(int(update.count_nonzero()) for update in merged.values())
-            budget = sum(layer.lora_A[self.adapter].weight.shape[0] * sum(layer.base_layer.weight.shape)
-                         for layer in self.layers(model).values())
+            budget = sum(lora_parameters(layer, self.adapter) for layer in self.layers(model).values())
             self.sparsity = {
                 "surviving_entries": kept,
                 "lora_parameters": budget,

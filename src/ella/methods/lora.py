@@ -15,11 +15,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from ..errors import EllaError
 from ..models import is_seq2seq
-from .base import hyperparameter
-
-
-def parse_names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+from .base import hyperparameter, parse_names
 
 
 @dataclass

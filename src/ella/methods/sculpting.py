@@ -35,8 +35,9 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_OSF_TARGET_MODULES_MAPPI
 
 from ..data import Task
 from ..errors import EllaError
-from .base import UPDATE, TaskData, hyperparameter, observe, register_method, register_part, require_data
-from .lora import block_of, check_target_modules, parse_names
+from .base import (UPDATE, TaskData, hyperparameter, observe, parse_names, register_method, register_part,
+                   require_data)
+from .lora import block_of, check_target_modules
 
 
 @dataclass
