@@ -49,7 +49,7 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     # grouped by sequence, so that a suite stopped part-way has its methods on the same orders and seeds
     assert [(r.label, r.order) for r in runs] == [("inclora", 1), ("ella", 1), ("ella-lam1.0", 1),
                                                   ("ella-lam100.0", 1), ("inclora", 2), ("ella", 2)]
-    assert runs[1].hyperparameters == {"lam": 10.0} and runs[3].hyperparameters == {"lam": 100.0}
+    assert runs[1].spec.hyperparameters == {"lam": 10.0} and runs[3].spec.hyperparameters == {"lam": 100.0}
     spec = runs[3].spec  # what the run's own process receives, as data
     assert spec.method == "ella" and spec.hyperparameters == {"lam": 100.0} and spec.order == "1"
     assert spec.train_per_task == 2 and spec.eval_mode == "rank" and spec.mixed_precision == "no"
@@ -119,8 +119,8 @@ ella = {{lam = [1.0, 100.0]}}
 def test_a_selection_suite_runs_every_setting_of_each_grid(tmp_path, data_dir):
     suite, runs = load_suite(write_suite(tmp_path, data_dir, SELECT_SUITE))
     assert [r.label for r in runs] == ["inclora-lr0.001", "inclora-lr0.1", "ella-lam1.0", "ella-lam100.0"]
-    assert runs[1].spec.lr == 0.1 and runs[1].hyperparameters == {}  # lr is a run setting, not the method's
-    assert runs[3].spec.lr is None and runs[3].hyperparameters == {"lam": 100.0}  # the grid's λ, not [method.ella]'s
+    assert runs[1].spec.lr == 0.1 and runs[1].spec.hyperparameters == {}  # lr is a run setting, not the method's
+    assert runs[3].spec.lr is None and runs[3].spec.hyperparameters == {"lam": 100.0}  # the grid's λ
     assert all(r.spec.validation_per_task == 2 for r in runs)
 
 

@@ -20,6 +20,10 @@ def test_retained_fraction_from_importance_by_hand():
     # I = 2.5, -0.5: 1.85 clipped to 0.99; a negative cosine keeps mrr
     fractions = retained_fractions({"a": 1.0, "b": -0.2}, mrr=0.1, trr=0.8, most=0.99)
     assert fractions == pytest.approx({"a": 0.99, "b": 0.1})
+    # a mean of 0 or below cannot normalise: refused, not a division by zero or the blocks' order reversed
+    for importance in ({"a": 0.0, "b": 0.0}, {"a": 0.1, "b": -0.3}):
+        with pytest.raises(EllaError, match="needs a positive one"):
+            retained_fractions(importance, mrr=0.1, trr=0.8, most=0.99)
 
 
 def task_data(tasks, model, tokenizer, task_index=0):

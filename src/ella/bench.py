@@ -95,10 +95,6 @@ class SuiteRun:
     def output_dir(self) -> Path:
         return self.spec.output_dir
 
-    @property
-    def hyperparameters(self) -> dict:
-        return self.spec.hyperparameters
-
 
 def _parsed(method: str, hyperparameters: dict) -> dict:
     """Hyper-parameters as the method takes them: a string where the option parses one (``lam = "0,3e4"``,

@@ -38,7 +38,7 @@ def _method_hyperparameters() -> dict[str, tuple[dataclasses.Field, typing.Calla
 
 
 def _defaults(defaults: dict[str, object]) -> str:
-    """'ella, inclora: 8' or, where the methods differ, 'ella: 30000.0; jumplora: 0.0'."""
+    """'ella, inclora; default: 8' or, where the methods differ, 'ella: 30000.0; jumplora: 0.0'."""
     if len(set(map(repr, defaults.values()))) == 1:
         return f"{', '.join(defaults)}; default: {next(iter(defaults.values()))}"
     return "; ".join(f"{method}: {default}" for method, default in defaults.items())

@@ -4,7 +4,8 @@ EWC on every weight.
 
 From the second task on, the loss adds a Fisher-weighted pull towards the parameters the previous task ended with:
 
-    L = CE + (λ/2) · Σ_i F_i (θ_i − θ*_i)²        (i runs over the trainable LoRA parameters)
+    L = CE + (λ/2) · Σ_i F_i (θ_i − θ*_i)²        (i runs over the update part's trainable parameters:
+                                                    the LoRA's, or every weight under seqft)
 
 θ* are the parameters at the end of the previous task. F is the diagonal Fisher information, accumulated over the
 tasks (online EWC): F ← F + F_t after task t, with F_t the empirical Fisher of the task, the mean over up to

@@ -82,6 +82,10 @@ def block_importance(model: torch.nn.Module, batches) -> dict[str, float]:
 def retained_fractions(importance: dict[str, float], mrr: float, trr: float, most: float) -> dict[str, float]:
     """mrr + I·(trr − mrr) with I normalised to mean 1 over the blocks, clipped to [mrr, most]."""
     mean = sum(importance.values()) / len(importance)
+    if not mean > 0:  # the normalisation would divide by it, or reverse the blocks' order
+        raise EllaError(f"sculpting measured a mean block importance (cos of a block's input and output) of "
+                        f"{mean:.3g}; it needs a positive one to normalise the blocks' importances by (a residual "
+                        "block's output follows its input: the mean is near 1 in the models it was made for)")
     return {block: min(most, max(mrr, mrr + (value / mean) * (trr - mrr))) for block, value in importance.items()}
 
 

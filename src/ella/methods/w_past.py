@@ -105,9 +105,6 @@ class PastUpdates:
     def __bool__(self) -> bool:
         return bool(self.modules)
 
-    def __len__(self) -> int:
-        return len(self.modules)
-
     @torch.no_grad()
     def add(self, name: str, update: torch.Tensor | LowRank) -> None:
         """W_past^name ← W_past^name + update."""
