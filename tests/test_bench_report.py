@@ -11,7 +11,9 @@ from ella import RunSpec
 from ella.bench import job_environment, load_suite, run_suite, select_settings, suite_status
 from ella.cli import main
 from ella.provenance import describe_hardware
-from ella.report import cost_table, describe, describe_selection
+from ella.checkpoint import run_status
+from ella.report import (collect_runs, cost_table, describe, describe_selection, read_selections,
+                          results_table, selected_runs, write_report)
 
 SUITE = """
 output_dir = "suite"
@@ -85,6 +87,10 @@ def test_a_suite_of_named_tasks_has_one_sequence(tmp_path, data_dir):
     (lambda t: t.replace('eval_mode = "rank"', 'eval_mode = "vote"'), "eval_mode = 'vote': choose one of"),
     (lambda t: t.replace('methods = ["inclora", "ella"]', 'methods = ["inclora", "seqlora+ella"]'),
      "ella penalises each task's own update"),
+    (lambda t: t.replace("[method.ella]", "[method.ela]"), r"\[method.ela\] sets a method that no run uses"),
+    (lambda t: t.replace("orders = [1, 2]", "orders = 1"), "orders must be a list of distinct values"),
+    (lambda t: t.replace("orders = [1, 2]", "orders = [1, 1]"), "orders must be a list of distinct values"),
+    (lambda t: t.replace('methods = ["inclora", "ella"]', 'methods = "ella"'), "methods must be a list"),
 ])
 def test_bad_suites(tmp_path, data_dir, edit, message):
     with pytest.raises(EllaError, match=message):
@@ -368,3 +374,58 @@ def test_report_command_on_one_run(sequence_file, tmp_path, capsys):
     assert "the named tasks" in (run_dir / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def fake_run(directory, label, order=1, seed=42, oa=50.0, batch_size=2):
+    """A finished run's results.json with what the report reads before its tables."""
+    directory.mkdir(parents=True)
+    record = {"status": "complete", "method": {"name": label.split("-")[0]}, "metrics": {"OA": oa, "BWT": -1.0,
+              "FWT": 5.0}, "run": {"label": label, "model": "m", "benchmark": "standard", "order": str(order),
+              "seed": seed, "train_per_task": 4, "test_per_task": 4},
+              "training_config": {"epochs": 1, "batch_size": batch_size, "max_length": 64},
+              "evaluation": {"description": "greedy"}, "evaluation_config": {}}
+    (directory / "results.json").write_text(json.dumps(record))
+
+
+def test_a_report_refuses_runs_of_two_protocols_or_two_runs_of_one_sequence_and_seed(tmp_path):
+    fake_run(tmp_path / "a" / "ella" / "order1-seed42", "ella")
+    fake_run(tmp_path / "b" / "ella" / "order1-seed42", "ella", batch_size=8)
+    with pytest.raises(EllaError, match="different protocols .* Report each protocol's runs on their own"):
+        write_report([tmp_path], tmp_path / "report")
+    fake_run(tmp_path / "c" / "ella" / "order1-seed42", "ella")
+    with pytest.raises(EllaError, match="ella has 2 runs of order 1, seed 42"):
+        write_report([tmp_path / "a", tmp_path / "c"], tmp_path / "report")
+
+
+def test_a_commits_copy_of_a_record_is_not_a_run_of_its_own(tmp_path):
+    fake_run(tmp_path / "ella" / "order1-seed42", "ella")
+    fake_run(tmp_path / "ella" / "order1-seed42" / "progress" / "after-task-2", "ella")  # left by a kill
+    assert len(collect_runs([tmp_path])) == 1
+
+
+def test_a_selection_below_the_reported_directory_drops_its_passed_over_settings_only(tmp_path):
+    suite = tmp_path / "suite"
+    for label in ("ella-lam1.0", "ella-lam2.0"):
+        fake_run(suite / label / "order1-seed42", label)
+    fake_run(tmp_path / "other" / "ella-lam2.0" / "order1-seed42", "ella-lam2.0")  # not under the selection
+    (suite / "selection.json").write_text(json.dumps({"methods": {"ella": {
+        "selected": "ella-lam1.0", "settings": [{"label": "ella-lam1.0"}, {"label": "ella-lam2.0"}]}}}))
+    selections = read_selections([tmp_path])
+    assert [s["directory"] for s in selections] == [suite.resolve()]
+    kept = selected_runs(collect_runs([tmp_path]), selections)
+    assert sorted(str(r["directory"].relative_to(tmp_path)) for r in kept) == [
+        "other/ella-lam2.0/order1-seed42", "suite/ella-lam1.0/order1-seed42"]
+
+
+def test_the_average_is_over_orders_of_the_mean_over_seeds(tmp_path):
+    """Order 1 has two seeds (60, 62), order 2 one (40): 50.5, not the pooled 54."""
+    for order, seed, oa in ((1, 42, 60.0), (1, 43, 62.0), (2, 42, 40.0)):
+        fake_run(tmp_path / f"order{order}-seed{seed}", "ella", order, seed, oa)
+    header, rows = results_table(collect_runs([tmp_path]))
+    assert rows[0][header.index("OA avg")] == "50.5"
+
+
+def test_a_run_stopped_in_its_first_task_is_started_not_finished(tmp_path):
+    assert run_status(tmp_path) is None
+    (tmp_path / "progress").mkdir()  # its first save failed, or was killed before its commit
+    assert run_status(tmp_path) == "running"

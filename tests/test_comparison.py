@@ -19,6 +19,8 @@ def test_t_quantiles_match_the_tables():
     assert t_975(31) == pytest.approx(2.0395, abs=1e-3)
     assert t_975(60) == pytest.approx(2.0003, abs=1e-3)
     assert t_975(120) == pytest.approx(1.9799, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 1 degree of freedom"):
+        t_975(0)
 
 
 def test_t_interval_by_hand():

@@ -55,3 +55,14 @@ def test_the_final_row_and_the_diagonal_must_be_measured():
         summarize([[80.0, None, None], [None, None, None], [50.0, 65.0, 90.0]])
     with pytest.raises(ValueError, match=r"a\[2\]\[0\] are None"):
         summarize([[80.0, None, None], [None, 70.0, None], [None, 65.0, 90.0]])
+
+
+def test_nan_is_read_as_an_unmeasured_cell_and_the_zero_shot_row_must_fit():
+    nan = float("nan")  # how numpy marks a gap
+    as_nan = [[80.0, nan, nan], [nan, 70.0, nan], [50.0, 65.0, 90.0]]
+    assert summarize(as_nan) == summarize([[v if v == v else None for v in row] for row in as_nan])
+    assert summarize(as_nan)["forgetting"] == pytest.approx(17.5)
+    with pytest.raises(ValueError, match=r"a\[0\]\[0\] are None \(or NaN\)"):
+        summarize([[nan, 1.0], [40.0, 60.0]])
+    with pytest.raises(ValueError, match="the zero-shot row has 1 cells for 2 tasks"):
+        summarize([[50.0, None], [40.0, 60.0]], [10.0])

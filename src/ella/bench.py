@@ -71,7 +71,7 @@ from statistics import mean
 
 import torch
 
-from .checkpoint import RESULTS, latest_record, run_status
+from .checkpoint import RESULTS, holds_run, latest_record, run_status
 from .errors import EllaError
 from .methods import get_method, method_fields
 from .provenance import portable_path
@@ -188,6 +188,14 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     root = (path.parent / suite["output_dir"]).resolve() if not Path(suite["output_dir"]).is_absolute() \
         else Path(suite["output_dir"])
     orders, seeds = suite.get("orders", [1]), suite.get("seeds", [42])
+    for key, value in (("orders", orders), ("seeds", seeds), ("methods", suite.get("methods", []))):
+        if not isinstance(value, list) or len(set(map(str, value))) != len(value):
+            raise EllaError(f"{path}: {key} must be a list of distinct values ({key} = [...]), not {value!r}")
+    swept_methods = {sweep.get("method") for sweep in suite.get("sweep", [])}
+    unused = set(suite.get("method", {})) - set(suite.get("methods", [])) - swept_methods
+    if unused:
+        raise EllaError(f"{path}: [method.{sorted(unused)[0]}] sets a method that no run uses: name it in "
+                        "methods = [...] or a [[sweep]], or fix its spelling")
     options = suite.get("run", {})
     if "tasks" in options and "orders" in suite:
         raise EllaError(f"{path}: [run] tasks = [...] names the sequence itself; drop orders = [...]")
@@ -363,9 +371,10 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
         status = run_status(run.output_dir)
         log = suite["output_dir"] / "logs" / f"{run.label}-{run.output_dir.name}.log" if jobs > 1 else None
         print(f"[{stage}{index}/{len(runs)}] {_name(run, suite)}: "
-              + {"complete": "complete, not repeated", "running": "resuming", None: "starting"}[status]
+              + {"complete": "complete; its own process checks its settings and files",
+                 "running": "resuming", None: "starting"}[status]
               + (f" (output: {portable_path(log)})" if log else ""), flush=True)
-        spec = dataclasses.replace(run.spec, resume=status is not None)
+        spec = dataclasses.replace(run.spec, resume=holds_run(run.output_dir))
         child = [sys.executable, "-c", "import sys, ella.runspec; sys.exit(ella.runspec.main())"]
         slot = slots.get()
         try:
@@ -394,7 +403,8 @@ def _run_each(runs: list[SuiteRun], stage: str, suite: dict, path, jobs: int = 1
         others = f" ({len(failures) - 1} more stopped too)" if len(failures) > 1 else ""
         raise EllaError(f"the run {name} stopped (exit status {exit_status}; its message {where}){others}. The "
                         f"finished runs are kept: fix the cause and run `ella bench {path}` again to go on from "
-                        "there")
+                        "there (a run made with other settings than the suite's: move its directory away, and the "
+                        "suite runs it again)")
 
 
 def select_settings(grids: dict[str, dict], runs: list[SuiteRun]) -> dict:

@@ -337,8 +337,8 @@ def latest_record(output_dir: Path) -> dict | None:
 def run_status(output_dir: Path) -> str | None:
     """'complete', 'running' (interrupted or in progress), or None when ``output_dir`` holds no run."""
     record = latest_record(output_dir)
-    if record is None:
-        return "running" if commits(output_dir) else None
+    if record is None:  # a run stopped in its first task, or in its first save, has progress/ and nothing more
+        return "running" if (output_dir / PROGRESS).exists() else None
     return record.get("status")
 
 
@@ -349,8 +349,9 @@ def check_output_dir(output_dir: Path, resume: bool = False, overwrite: bool = F
     if output_dir.exists() and not output_dir.is_dir():
         raise EllaError(f"the output directory {output_dir} is a file, not a directory")
     if holds_run(output_dir) and not (resume or overwrite):
-        raise EllaError(f"{output_dir} already holds a run ({RESULTS}); continue it with --resume (resume=True), "
-                        "replace it with --overwrite (overwrite=True), or choose another output directory")
+        raise EllaError(f"{output_dir} already holds a run ({RESULTS} or {PROGRESS}/); continue it with --resume "
+                        "(resume=True), replace it with --overwrite (overwrite=True), or choose another output "
+                        "directory")
     probe = output_dir / f".ella-write-test-{os.getpid()}"  # one per process: they may probe at once
     try:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 def t_975(degrees_of_freedom: int) -> float:
     """Student's t 97.5th percentile: the table up to 30 degrees of freedom, beyond it the Cornish-Fisher
     expansion around the normal's 1.95996 (within 0.001 of the exact value there)."""
+    if degrees_of_freedom < 1:
+        raise ValueError(f"Student's t needs at least 1 degree of freedom, got {degrees_of_freedom}")
     if degrees_of_freedom <= len(T_975):
         return T_975[degrees_of_freedom - 1]
     z, v = 1.959964, degrees_of_freedom

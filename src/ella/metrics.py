@@ -2,13 +2,19 @@
 
 ``a[i][j]`` is the accuracy (%) on task j after training task i (0-based, N tasks); ``a`` is N x N: ella evaluates
 every task after every task, the not-yet-seen ones too, unless an evaluation schedule leaves a row partial. A cell
-that was not measured is None: a scheduled row's cells other than a[i][i], a continued run's earlier rows' cells of
-the tasks added later. The final row and the diagonal are always measured; forgetting takes the measured cells only.
+that was not measured is None (NaN, as numpy marks a gap, is read as None): a scheduled row's cells other than
+a[i][i], a continued run's earlier rows' cells of the tasks added later. The final row and the diagonal are always
+measured; forgetting takes the measured cells only.
 """
 
 from __future__ import annotations
 
+import math
 from statistics import mean
+
+
+def _measured(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
 
 
 def average_accuracy(a: list[list[float | None]]) -> float:
@@ -40,7 +46,7 @@ def forgetting(a: list[list[float | None]]) -> float | None:
     n = len(a)
     if n < 2:
         return None
-    return mean(max(a[i][j] for i in range(j, n - 1) if a[i][j] is not None) - a[n - 1][j] for j in range(n - 1))
+    return mean(max(a[i][j] for i in range(j, n - 1) if _measured(a[i][j])) - a[n - 1][j] for j in range(n - 1))
 
 
 def summarize(a: list[list[float | None]], zero_shot: list[float | None] | None = None) -> dict:
@@ -50,11 +56,15 @@ def summarize(a: list[list[float | None]], zero_shot: list[float | None] | None 
     if not a or any(len(row) != n for row in a):
         raise ValueError(f"the metrics need an N x N accuracy matrix, got {n} rows of lengths "
                          f"{[len(row) for row in a]}")
+    if zero_shot is not None and len(zero_shot) != n:
+        raise ValueError(f"the zero-shot row has {len(zero_shot)} cells for {n} tasks")
+    a = [[value if _measured(value) else None for value in row] for row in a]
+    zero_shot = None if zero_shot is None else [value if _measured(value) else None for value in zero_shot]
     unmeasured = [f"a[{n - 1}][{j}]" for j in range(n) if a[-1][j] is None] + \
         [f"a[{j}][{j}]" for j in range(n - 1) if a[j][j] is None]
     if unmeasured:
         raise ValueError(f"the metrics need the final row and the diagonal measured; {', '.join(unmeasured)} "
-                         "are None")
+                         "are None (or NaN)")
     return {
         "OA": average_accuracy(a),
         "BWT": backward_transfer(a),

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from statistics import mean, median, stdev
 
-from .checkpoint import RESULTS
+from .checkpoint import PROGRESS, RESULTS
 from .comparison import paired_difference, verdict
 from .engine import SequenceResult
 from .errors import EllaError
@@ -118,6 +118,8 @@ def collect_runs(paths: list[str | Path]) -> list[dict]:
         if not root.exists():
             raise EllaError(f"no such run directory: {root}")
         for path in sorted([root / RESULTS] if (root / RESULTS).is_file() else root.rglob(RESULTS)):
+            if PROGRESS in path.relative_to(root).parts:  # a commit's copy of its run's record
+                continue
             record = json.loads(path.read_text())
             if record.get("status") != "complete":
                 print(f"ella report: skipping the unfinished run in {path.parent}")
@@ -128,6 +130,29 @@ def collect_runs(paths: list[str | Path]) -> list[dict]:
     if not runs:
         raise EllaError(f"no finished run (results.json with status complete) under {', '.join(map(str, paths))}")
     return runs
+
+
+def _protocol(run: dict) -> tuple:
+    """What runs must share to be averaged and paired: the model, the benchmark, the sizes, the evaluation."""
+    info, training = run["run"], run["training_config"]
+    return (info.get("model"), info.get("benchmark"), info.get("train_per_task"), info.get("test_per_task"),
+            training["epochs"], training["batch_size"] * training.get("grad_accum", 1), training["max_length"],
+            run["evaluation"]["description"], run["evaluation_config"].get("schedule", "full"))
+
+
+def check_comparable(runs: list[dict]) -> None:
+    """One protocol, and one run per method, sequence and seed: a report averages and pairs its runs."""
+    protocols = _by(runs, _protocol)
+    if len(protocols) > 1:
+        examples = "; ".join(f"{group[0]['directory']} ({len(group)} runs)" for group in protocols.values())
+        raise EllaError("these runs were made under different protocols (model, benchmark, examples per task, "
+                        f"epochs, batch, max length or evaluation), which a report cannot average: {examples}. "
+                        "Report each protocol's runs on their own")
+    for (label, order, seed), group in _by(runs, lambda r: (r["label"], str(r["run"].get("order")),
+                                                            r["run"].get("seed"))).items():
+        if len(group) > 1:
+            raise EllaError(f"{label} has {len(group)} runs of {_sequence(order)}, seed {seed} "
+                            f"({', '.join(str(r['directory']) for r in group)}): report one of them")
 
 
 def _by(runs: list[dict], key) -> dict:
@@ -151,6 +176,14 @@ def _cell(values: list[float], signed: bool = False, spread: bool = True) -> str
     return text + (f" ± {stdev(values):.1f}" if spread and len(values) > 1 else "")
 
 
+def _mean_over_orders(runs: list[dict], metric: str) -> float | None:
+    """The mean over the sequences of each sequence's mean over seeds (None: never measured)."""
+    per_order = [[r["metrics"][metric] for r in members if r["metrics"][metric] is not None]
+                 for members in _by(runs, lambda r: str(r["run"].get("order"))).values()]
+    per_order = [mean(values) for values in per_order if values]
+    return mean(per_order) if per_order else None
+
+
 def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The papers' table: per method and order OA, BWT, FWT (mean over seeds), and their average over orders."""
     orders = sorted({str(run["run"].get("order")) for run in runs})
@@ -163,10 +196,8 @@ def results_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         for order in orders:
             members = by_order.get(order, [])
             row += [_cell([r["metrics"][m] for r in members], signed=m != "OA") for m in ("OA", "BWT", "FWT")]
-        row += [_cell([mean(r["metrics"][m] for r in members if r["metrics"][m] is not None)
-                       for members in by_order.values()
-                       if any(r["metrics"][m] is not None for r in members)], signed=m != "OA", spread=False)
-                for m in ("OA", "BWT", "FWT")]
+        row += [_cell([value] if value is not None else [], signed=m != "OA", spread=False)
+                for m in ("OA", "BWT", "FWT") for value in [_mean_over_orders(group, m)]]
         rows.append(row)
     return header, rows
 
@@ -265,14 +296,14 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
     groups = _by(runs, lambda r: r["label"])
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels)), 3.6))
     xs = range(len(labels))
-    oa = [mean(r["metrics"]["OA"] for r in groups[label]) for label in labels]
-    bwt = [mean(r["metrics"]["BWT"] or 0 for r in groups[label]) for label in labels]
+    oa, bwt = ([_mean_over_orders(groups[label], metric) for label in labels] for metric in ("OA", "BWT"))
+    bwt = [float("nan") if value is None else value for value in bwt]  # no bar where BWT was not measured
     ax.bar([x - 0.2 for x in xs], oa, width=0.4, label="OA")
     ax.bar([x + 0.2 for x in xs], bwt, width=0.4, label="BWT")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(list(xs), labels, rotation=30, ha="right")
     ax.set_ylabel("accuracy points")
-    ax.set_title("OA and BWT (mean over orders and seeds)")
+    ax.set_title("OA and BWT (mean over orders of the mean over seeds)")
     ax.legend()
     save("oa_bwt.png", fig)
 
@@ -306,15 +337,21 @@ def figures(runs: list[dict]) -> dict[str, bytes]:
 
 
 def read_selections(paths: list[str | Path]) -> list[dict]:
-    """The selections ``ella bench`` wrote (``SELECTION``) in the given directories."""
-    return [json.loads((Path(p) / SELECTION).read_text()) for p in paths if (Path(p) / SELECTION).is_file()]
+    """The selections ``ella bench`` wrote (``SELECTION``) in the given directories or below them, each with its
+    directory (``"directory"``)."""
+    found = {path.parent.resolve(): path for root in map(Path, paths)
+             for path in ([root / SELECTION] if (root / SELECTION).is_file() else root.rglob(SELECTION))}
+    return [{**json.loads(path.read_text()), "directory": directory} for directory, path in sorted(found.items())]
 
 
 def selected_runs(runs: list[dict], selections: list[dict]) -> list[dict]:
-    """The runs less those of the settings that validation did not select."""
-    passed_over = {setting["label"] for selection in selections for method in selection["methods"].values()
-                   for setting in method["settings"] if setting["label"] != method["selected"]}
-    return [run for run in runs if run["label"] not in passed_over]
+    """The runs less those, under a selection's directory, of the settings that its validation did not select."""
+    def passed_over(run: dict) -> bool:
+        return any(selection["directory"] in Path(run["directory"]).resolve().parents
+                   and any(run["label"] == setting["label"] != method["selected"]
+                           for method in selection["methods"].values() for setting in method["settings"])
+                   for selection in selections)
+    return [run for run in runs if not passed_over(run)]
 
 
 def describe_selection(selection: dict, runs: list[dict]) -> str:
@@ -378,6 +415,7 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
     method is compared with ``reference``'s runs (paired differences, ``ella.comparison``) where it has some."""
     selections = read_selections(paths)
     runs = selected_runs(collect_runs(paths), selections)
+    check_comparable(runs)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = results_table(runs)
@@ -393,6 +431,8 @@ def write_report(paths: list[str | Path], output_dir: str | Path, reference: str
         title = f"Paired differences against {reference}"
         tables.append((title, comparison[0]))
         notes[title] = [COMPARISON_NOTE] + comparison[1]
+    elif not any(run["label"] == reference for run in runs):
+        print(f"ella report: no run of {reference} (--reference), so no paired differences")
     diagnostics = diagnostics_table(runs)
     if diagnostics:
         tables.append(("ELLA's mechanism per task", diagnostics))
