@@ -59,6 +59,18 @@ def test_suite_expands_methods_orders_and_sweeps(tmp_path, data_dir):
     assert runs[0].output_dir == tmp_path / "suite" / "inclora" / "order1-seed42"
 
 
+def test_a_method_table_and_a_sweep_may_set_a_methods_own_learning_rate(tmp_path, data_dir):
+    text = SUITE.replace("[method.ella]\n", "[method.inclora]\nlr = 0.002\n\n[method.ella]\nlr = 0.003\n") \
+        .replace("lam = [1.0, 100.0]", "lr = [0.01, 0.02]")
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
+    by_label = {r.label: r.spec for r in runs if r.order == 1}
+    # lr is the run's setting, not a field of the method's config; the sweep's value replaces the table's
+    assert by_label["inclora"].lr == 0.002 and by_label["inclora"].hyperparameters == {}
+    assert by_label["ella"].lr == 0.003 and by_label["ella"].hyperparameters == {"lam": 10.0}
+    assert by_label["ella-lr0.02"].lr == 0.02 and by_label["ella-lr0.02"].hyperparameters == {"lam": 10.0}
+    assert [r.spec.lr for r in runs if r.order == 2] == [0.002, 0.003]
+
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 

@@ -15,7 +15,7 @@ A suite file (TOML)::
     test_per_task = 64
     eval_mode = "rank"
 
-    [method.ella]                              # a method's hyper-parameters
+    [method.ella]                              # a method's hyper-parameters, and lr, its learning rate
     lam = 1e5
 
     [[sweep]]                                  # extra runs: every combination of the listed values
@@ -162,6 +162,12 @@ def _then(path: Path, suite: dict, orders: list, seeds: list) -> tuple[list, lis
     return then.get("orders", orders), then.get("seeds", seeds)
 
 
+def _split_lr(values: dict) -> tuple[dict, dict]:
+    """A method's settings as (its hyper-parameters, run settings of its own): ``lr`` is the run's learning rate,
+    which a suite may set per method, not a field of the method's config."""
+    return {k: v for k, v in values.items() if k != "lr"}, ({"lr": values["lr"]} if "lr" in values else {})
+
+
 def _sequence_major(runs: list[SuiteRun]) -> list[SuiteRun]:
     """The runs grouped by (order, seed), each group in the suite's order of methods and settings: a suite stopped
     part-way has its methods on the same sequences, the pairs that ``ella report`` compares."""
@@ -203,14 +209,14 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
     variants: list[tuple[str, str, dict, dict, list]] = []
     grids = _grids(path, suite) if "select" in suite else {}
     for method in suite.get("methods", []):
-        base = dict(suite.get("method", {}).get(method, {}))
+        base, base_own = _split_lr(suite.get("method", {}).get(method, {}))
         if method not in grids:
-            variants.append((method, method, base, {}, orders))
+            variants.append((method, method, base, base_own, orders))
             continue
         for values in _combinations(grids[method]):
-            hyperparameters = {k: v for k, v in values.items() if k != "lr"}
-            own = {"lr": values["lr"]} if "lr" in values else {}
-            variants.append((_label(method, values), method, {**base, **hyperparameters}, own, orders))
+            hyperparameters, own = _split_lr(values)
+            variants.append((_label(method, values), method, {**base, **hyperparameters}, {**base_own, **own},
+                             orders))
     for sweep in suite.get("sweep", []):
         sweep = dict(sweep)
         method = sweep.pop("method", None)
@@ -222,7 +228,8 @@ def load_suite(path: str | Path) -> tuple[dict, list[SuiteRun]]:
         base = {**suite.get("method", {}).get(method, {}), **fixed}
         for combination in itertools.product(*swept.values()):
             values = dict(zip(swept, combination))
-            variants.append((_label(method, values), method, {**base, **values}, {}, sweep_orders))
+            hyperparameters, own = _split_lr({**base, **values})
+            variants.append((_label(method, values), method, hyperparameters, own, sweep_orders))
     if not variants:
         raise EllaError(f"{path}: list at least one method in methods = [...] or a [[sweep]]")
     shared = {"model": suite.get("model", "smollm2-135m"), "benchmark": suite.get("benchmark", "standard"),
