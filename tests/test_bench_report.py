@@ -71,6 +71,14 @@ def test_a_method_table_and_a_sweep_may_set_a_methods_own_learning_rate(tmp_path
     assert [r.spec.lr for r in runs if r.order == 2] == [0.002, 0.003]
 
 
+def test_a_runs_name_separates_a_name_that_ends_in_a_digit_from_its_value(tmp_path, data_dir):
+    text = SUITE.replace('method = "ella"\nlam = [1.0, 100.0]', 'method = "olora"\nlambda1 = [0.5]\nlambda2 = [0.0]')
+    suite, runs = load_suite(write_suite(tmp_path, data_dir, text))
+    olora = [r for r in runs if r.spec.method == "olora"]
+    assert [r.label for r in olora] == ["olora-lambda1_0.5-lambda2_0.0"]  # not olora-lambda10.5-lambda20.0
+    assert olora[0].spec.hyperparameters == {"lambda1": 0.5, "lambda2": 0.0}
+
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 

@@ -105,7 +105,9 @@ def _parsed(method: str, hyperparameters: dict) -> dict:
 
 
 def _label(method: str, values: dict) -> str:
-    return method + "".join(f"-{key}{value}" for key, value in values.items())
+    """The run's name, e.g. ``ella-lam30000.0``; a name that ends in a digit is followed by ``_``, so that O-LoRA's
+    λ1 = 0.5 reads ``olora-lambda1_0.5``, not ``olora-lambda10.5``."""
+    return method + "".join(f"-{key}{'_' if key[-1].isdigit() else ''}{value}" for key, value in values.items())
 
 
 def _combinations(grid: dict) -> list[dict]:
